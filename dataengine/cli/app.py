@@ -1,0 +1,106 @@
+"""The typer application shared by every command module, plus the CLI-only helpers.
+
+Logging is configured here once; progress bars and the ``--json`` summary line live here too, so library
+code only logs and reports progress through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="dataengine",
+    help="Streaming data engine for uncurated web images: ingest, embed, cluster, report, train.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Human-readable output goes to stderr so that stdout carries only the --json summary line when asked.
+console = Console(stderr=True)
+
+
+@app.callback()
+def _configure(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
+) -> None:
+    """Configure logging once for every command."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+
+
+def emit_summary(summary: dict[str, Any], as_json: bool) -> None:
+    """Print the machine-readable summary as the last line on stdout (with ``--json``)."""
+    if as_json:
+        sys.stdout.write(json.dumps(summary, sort_keys=True, default=str) + "\n")
+        sys.stdout.flush()
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """Print a small rich table to the console (stderr)."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column != columns[0] else "left")
+    for row in rows:
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+    """Yield a callback ``update(advance=1, total=None, description=None)`` driving a rich progress bar."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
+        task = progress.add_task(description, total=total)
+
+        def update(advance: int = 1, total: int | None = None, description: str | None = None) -> None:
+            kwargs: dict[str, Any] = {"advance": advance}
+            if total is not None:
+                kwargs["total"] = total
+            if description is not None:
+                kwargs["description"] = description
+            progress.update(task, **kwargs)
+
+        yield update
+
+
+class Timer:
+    """Wall-clock timer for summaries: ``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print an error for the user and exit with ``code`` (no traceback for bad input)."""
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)

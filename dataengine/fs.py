@@ -1,0 +1,153 @@
+"""Local and object-storage locations behind one small interface (fsspec).
+
+Every stage reads and writes through :class:`Location`, so the same code writes shards to a local folder or
+to ``s3://bucket/prefix``. Publishing is atomic: locally a file is written under a temporary name and renamed;
+on object storage a single PUT (or a completed multipart upload) makes an object visible all at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs as _url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+_COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".bz2": "bz2"}
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """Parse the ``--storage-options`` JSON object (``None`` or empty gives ``{}``)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--storage-options must be a JSON object, got {text!r}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"--storage-options must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs with a protocol other than ``file://`` (``s3://``, ``http://``, ``memory://``...)."""
+    return "://" in url and not url.startswith("file://")
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the filesystem and the protocol-less path of ``url``."""
+    return _url_to_fs(url, **(storage_options or {}))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with ``/`` for URLs and with the OS separator for local paths."""
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def compression_of(url: str) -> str | None:
+    """The fsspec compression name implied by the file suffix (``.gz``, ``.bz2``) or ``None``."""
+    return _COMPRESSION_BY_SUFFIX.get(os.path.splitext(url)[1].lower())
+
+
+def open_input(url: str, storage_options: dict[str, Any] | None = None, mode: str = "rb") -> IO:
+    """Open a local or remote file for reading, decompressing ``.gz`` and ``.bz2`` transparently."""
+    return fsspec.open(url, mode, compression=compression_of(url), **(storage_options or {})).open()
+
+
+def iter_lines(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[bytes]:
+    """Yield the lines of a (possibly compressed, possibly remote) file as bytes, without line endings."""
+    with open_input(url, storage_options) as handle:
+        for line in handle:
+            yield line.rstrip(b"\r\n")
+
+
+class Location:
+    """A folder, local or on object storage, with atomic publishing of files inside it.
+
+    Args:
+        url: a local path or an fsspec URL such as ``s3://bucket/prefix``.
+        storage_options: passed to fsspec (``endpoint_url``, ``key``, ``secret``...).
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/") if is_remote(url) else os.path.abspath(url)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = url_to_fs(self.url, self.storage_options)
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        """Filesystem path (no protocol) of ``rel`` inside this location."""
+        return posixpath.join(self.root, rel) if not self.local else os.path.join(self.root, rel)
+
+    def child_url(self, rel: str) -> str:
+        """Full URL (with protocol for remote locations) of ``rel`` inside this location."""
+        return join(self.url, rel)
+
+    def makedirs(self, rel: str = "") -> None:
+        if self.local:
+            os.makedirs(self.path(rel), exist_ok=True)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names (not paths) of the files directly inside ``rel``; empty when it does not exist."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` to ``rel`` atomically: readers see the old file, no file, or the whole new file."""
+        target = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def write_json(self, rel: str, value: Any) -> None:
+        self.write_bytes(rel, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+
+    def publish(self, local_file: str, rel: str) -> None:
+        """Move (locally) or upload (remotely) a finished local file to ``rel`` atomically."""
+        target = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(local_file, target)
+        else:
+            self.fs.put_file(local_file, target)
+            os.remove(local_file)
+
+    def remove(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.rm(self.path(rel))
+
+    def scratch_dir(self) -> str:
+        """A local folder for files being built before they are published."""
+        if self.local:
+            path = os.path.join(self.root, ".tmp")
+        else:
+            import hashlib
+            import tempfile
+
+            digest = hashlib.sha1(self.url.encode()).hexdigest()[:12]
+            path = os.path.join(tempfile.gettempdir(), f"dataengine-{digest}")
+        os.makedirs(path, exist_ok=True)
+        return path

@@ -1,0 +1,1 @@
+"""Models, losses, samplers and the DeeperCluster training loop."""
