@@ -104,6 +104,7 @@ class Location:
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) of the files directly inside ``rel``; empty when it does not exist."""
+        self.fs.invalidate_cache(self.path(rel))  # s3fs caches listings; other processes may have written
         try:
             entries = self.fs.ls(self.path(rel), detail=False)
         except FileNotFoundError:

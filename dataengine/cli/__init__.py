@@ -6,6 +6,7 @@ Each command module registers its commands on :data:`dataengine.cli.app.app` whe
 
 from dataengine.cli.app import app
 # Command modules register themselves on import (one line each).
+from dataengine.cli import ingest as _ingest  # noqa: F401
 
 
 def main() -> None:

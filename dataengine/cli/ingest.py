@@ -1,0 +1,73 @@
+"""``dataengine ingest``: photos + YFCC100M metadata, or an image folder / tar, into webdataset shards."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from dataengine.cli.app import app, console, emit_summary, fail, print_table, progress_bar
+
+
+def _node_split(num_nodes: Optional[int], node_rank: Optional[int]) -> tuple[int, int]:
+    """--num-nodes/--node-rank, else torchrun's WORLD_SIZE/RANK, else a single node."""
+    if num_nodes is None:
+        num_nodes = int(os.environ.get("WORLD_SIZE", "1"))
+        node_rank = int(os.environ.get("RANK", "0")) if node_rank is None else node_rank
+    return num_nodes, node_rank or 0
+
+
+@app.command()
+def ingest(
+    out: str = typer.Option(..., "--out", help="Output folder (local path or s3://bucket/prefix)."),
+    yfcc: Optional[str] = typer.Option(None, "--yfcc", help="YFCC100M metadata file (.gz/.bz2 ok, local or URL)."),
+    images: Optional[str] = typer.Option(None, "--images", help="Images root for --yfcc, or an image folder/tar."),
+    download: bool = typer.Option(False, "--download", help="Fetch photos from their download URLs (HTTP)."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
+    image_size: int = typer.Option(256, "--image-size", help="Shorter side of stored images (never upscaled)."),
+    quality: int = typer.Option(90, "--quality", help="JPEG quality of stored images."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: all cores)."),
+    keep_duplicates: bool = typer.Option(False, "--keep-duplicates", help="Keep exact duplicate images."),
+    num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="Nodes splitting the input (default: WORLD_SIZE or 1)."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This node's rank (default: RANK or 0)."),
+    merge_only: bool = typer.Option(False, "--merge", help="Only merge finished node parts into the manifest."),
+    download_threads: int = typer.Option(16, "--download-threads", help="Concurrent HTTP requests per worker."),
+    download_timeout: float = typer.Option(10.0, "--download-timeout", help="HTTP timeout in seconds."),
+    download_retries: int = typer.Option(2, "--download-retries", help="Retries of transient HTTP failures."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an ingest made with another configuration."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """Ingest images (+ YFCC100M metadata) into sharded webdataset tar streams, resumably."""
+    from dataengine.errors import DataEngineError
+    from dataengine.fs import parse_storage_options
+    from dataengine.ingest import STATUSES, IngestConfig, merge, run_ingest
+
+    try:
+        options = parse_storage_options(storage_options)
+        if merge_only:
+            manifest = merge(out, options)
+            if manifest is None:
+                fail("not every node has finished; nothing merged")
+            emit_summary({"out": out, "num_shards": manifest["num_shards"], "counts": manifest["counts"],
+                          "num_samples": manifest["num_samples"]}, as_json)
+            return
+        nodes, rank = _node_split(num_nodes, node_rank)
+        config = IngestConfig(
+            out=out, yfcc=yfcc, images=images, download=download, shard_size=shard_size, image_size=image_size,
+            quality=quality, workers=(os.cpu_count() or 1) if workers is None else workers,
+            keep_duplicates=keep_duplicates, num_nodes=nodes, node_rank=rank, download_threads=download_threads,
+            download_timeout=download_timeout, download_retries=download_retries, storage_options=options,
+            overwrite=overwrite,
+        )
+        with progress_bar("ingest rows") as update:
+            result = run_ingest(config, progress=update)
+    except (ValueError, DataEngineError, FileNotFoundError) as exc:
+        fail(str(exc))
+    rows = [[status, result.counts.get(status, 0)] for status in STATUSES]
+    print_table(f"ingest: {result.num_samples} samples in {result.num_shards} shards", ["status", "rows"], rows)
+    total = sum(result.counts.values())
+    console.print(f"{out}: {total} rows in {result.seconds:.1f} s ({total / max(result.seconds, 1e-9):.1f} rows/s)"
+                  + ("" if result.complete else "; waiting for other nodes before the manifest is written"))
+    emit_summary(dict(result.to_dict(), rows_per_second=total / max(result.seconds, 1e-9)), as_json)

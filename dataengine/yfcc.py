@@ -1,0 +1,213 @@
+"""Parser for YFCC100M metadata lines (the public ``yfcc100m_dataset`` file and the Webscope release).
+
+Two layouts exist: the public dataset file has 25 TAB-separated fields (line number, photo id, photo hash,
+...); the original Webscope release has 23 (the same without the line number and the hash). The layout is
+detected per line from the field count. Text fields are URL-encoded with ``+`` for spaces; each tag is
+decoded separately. :func:`parse_line` never raises: a line it cannot use gives a :class:`BadLine` with the
+reason, which the caller records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_plus
+
+FIELDS_25 = (
+    "line_number",
+    "photo_id",
+    "photo_hash",
+    "user_nsid",
+    "user_nickname",
+    "date_taken",
+    "date_uploaded",
+    "device",
+    "title",
+    "description",
+    "user_tags",
+    "machine_tags",
+    "longitude",
+    "latitude",
+    "accuracy",
+    "page_url",
+    "download_url",
+    "license_name",
+    "license_url",
+    "server_id",
+    "farm_id",
+    "secret",
+    "secret_original",
+    "extension_original",
+    "marker",
+)
+FIELDS_23 = tuple(f for f in FIELDS_25 if f not in ("line_number", "photo_hash"))
+
+# Years outside this range are bogus camera clocks (YFCC has 1900s, 2030s...); the date is kept raw only.
+MIN_PLAUSIBLE_YEAR = 1970
+MAX_PLAUSIBLE_YEAR = 2015
+_DATE_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(?:\.\d+)?$")
+
+
+@dataclass
+class YfccRecord:
+    """One parsed photo or video. Text is URL-decoded; missing values are ``None`` (or empty lists)."""
+
+    photo_id: int
+    line_number: int | None = None
+    photo_hash: str | None = None
+    user: str | None = None
+    nickname: str | None = None
+    date_taken: str | None = None
+    date_taken_raw: str | None = None
+    date_uploaded: int | None = None
+    device: str | None = None
+    title: str = ""
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+    machine_tags: list[str] = field(default_factory=list)
+    lon: float | None = None
+    lat: float | None = None
+    accuracy: int | None = None
+    page_url: str | None = None
+    download_url: str | None = None
+    license: str | None = None
+    license_url: str | None = None
+    server_id: str | None = None
+    farm_id: str | None = None
+    secret: str | None = None
+    secret_original: str | None = None
+    extension_original: str | None = None
+    marker: int = 0
+
+    @property
+    def is_video(self) -> bool:
+        return self.marker == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-able dict (the sample's metadata in the shards)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A metadata line that could not be used, with the reason."""
+
+    reason: str
+    photo_id: int | None = None
+
+
+def _text(value: str) -> str:
+    return unquote_plus(value) if value else ""
+
+
+def _optional_text(value: str) -> str | None:
+    decoded = _text(value).strip()
+    return decoded or None
+
+
+def _tag_list(value: str) -> list[str]:
+    tags = (unquote_plus(t).strip() for t in value.split(",")) if value else ()
+    return [t for t in tags if t]
+
+
+def _optional_int(value: str) -> int | None:
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _normalise_date(raw: str) -> str | None:
+    """``YYYY-MM-DD HH:MM:SS`` when the date is well-formed with a plausible year, else ``None``."""
+    match = _DATE_RE.match(raw)
+    if not match:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in match.groups())
+    if not (MIN_PLAUSIBLE_YEAR <= year <= MAX_PLAUSIBLE_YEAR) or not (1 <= month <= 12 and 1 <= day <= 31):
+        return None
+    if hour > 23 or minute > 59 or second > 59:
+        return None
+    return f"{year:04d}-{month:02d}-{day:02d} {hour:02d}:{minute:02d}:{second:02d}"
+
+
+def _geo(values: dict[str, str]) -> tuple[float | None, float | None, int | None] | str:
+    """(lon, lat, accuracy), all ``None`` when not geotagged; a reason string when malformed."""
+    lon_s, lat_s, acc_s = values["longitude"].strip(), values["latitude"].strip(), values["accuracy"].strip()
+    if not lon_s and not lat_s:
+        return None, None, None
+    try:
+        lon, lat = float(lon_s), float(lat_s)
+    except ValueError:
+        return f"unparseable coordinates {lon_s!r},{lat_s!r}"
+    if not (-180.0 <= lon <= 180.0 and -90.0 <= lat <= 90.0):
+        return f"coordinates out of range {lon_s},{lat_s}"
+    return lon, lat, _optional_int(acc_s)
+
+
+def _fields(line: bytes | str) -> list[str] | BadLine:
+    text = line.decode("utf-8", errors="replace") if isinstance(line, (bytes, bytearray)) else line
+    text = text.rstrip("\r\n")
+    parts = text.split("\t")
+    if len(parts) not in (len(FIELDS_25), len(FIELDS_23)):
+        return BadLine(f"expected {len(FIELDS_25)} or {len(FIELDS_23)} tab-separated fields, got {len(parts)}")
+    return parts
+
+
+def parse_line(line: bytes | str) -> YfccRecord | BadLine:
+    """Parse one metadata line of either layout. Never raises; returns :class:`BadLine` on bad input."""
+    parts = _fields(line)
+    if isinstance(parts, BadLine):
+        return parts
+    values = dict(zip(FIELDS_25 if len(parts) == len(FIELDS_25) else FIELDS_23, parts))
+    photo_id = _optional_int(values["photo_id"])
+    if photo_id is None or photo_id < 0:
+        return BadLine(f"bad photo id {values['photo_id'][:40]!r}")
+    geo = _geo(values)
+    if isinstance(geo, str):
+        return BadLine(geo, photo_id)
+    marker = _optional_int(values["marker"])
+    if marker not in (0, 1):
+        return BadLine(f"bad marker {values['marker'][:10]!r}", photo_id)
+    date_raw = _text(values["date_taken"]).strip()
+    return YfccRecord(
+        photo_id=photo_id,
+        line_number=_optional_int(values.get("line_number", "")),
+        photo_hash=values.get("photo_hash", "").strip() or None,
+        user=_optional_text(values["user_nsid"]),
+        nickname=_optional_text(values["user_nickname"]),
+        date_taken=_normalise_date(date_raw),
+        date_taken_raw=date_raw or None,
+        date_uploaded=_optional_int(values["date_uploaded"]),
+        device=_optional_text(values["device"]),
+        title=_text(values["title"]),
+        description=_text(values["description"]),
+        tags=_tag_list(values["user_tags"]),
+        machine_tags=_tag_list(values["machine_tags"]),
+        lon=geo[0],
+        lat=geo[1],
+        accuracy=geo[2],
+        page_url=_optional_text(values["page_url"]),
+        download_url=_optional_text(values["download_url"]),
+        license=_optional_text(values["license_name"]),
+        license_url=_optional_text(values["license_url"]),
+        server_id=values["server_id"].strip() or None,
+        farm_id=values["farm_id"].strip() or None,
+        secret=values["secret"].strip() or None,
+        secret_original=values["secret_original"].strip() or None,
+        extension_original=values["extension_original"].strip() or None,
+        marker=marker,
+    )
+
+
+def iter_records(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[YfccRecord | BadLine]:
+    """Parse every line of a (plain, .gz or .bz2; local or remote) metadata file, in file order."""
+    from dataengine.fs import iter_lines
+
+    for line in iter_lines(url, storage_options):
+        yield parse_line(line)

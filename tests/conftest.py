@@ -1,0 +1,55 @@
+"""Shared fixtures: a real S3 HTTP endpoint (moto server on 127.0.0.1) and small helpers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback; yields fsspec storage options for s3fs (no region, on purpose)."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    yield options
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the moto server; returns its ``s3://`` URL."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture()
+def shared_data():
+    """``shared_data(name)``: path of a file in ../shared/data; skips the test when it is absent."""
+
+    def get(name: str) -> str:
+        path = os.path.abspath(os.path.join(SHARED_DATA, name))
+        if not os.path.exists(path):
+            pytest.skip(f"{name} not found in ../shared/data (real-data test; fresh machines lack it)")
+        return path
+
+    return get

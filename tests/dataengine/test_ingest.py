@@ -1,0 +1,301 @@
+"""Ingest end to end: folder/tar/YFCC sources, bad input, download mode, s3://, multi-node, SIGKILL resume."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from dataengine.errors import InputUnusableError, OutputExistsError
+from dataengine.fs import Location
+from dataengine.ingest import IngestConfig, merge, run_ingest
+from dataengine.yfcc import FIELDS_25
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def make_folder(root, num_per_class: int = 12, classes=("cat", "dog", "owl")) -> None:
+    for c, name in enumerate(classes):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(num_per_class):
+            (root / name / f"{i:03d}.jpg").write_bytes(_jpeg(100 * c + i))
+
+
+def yfcc_line(photo_id: int, row: int = 0, **fields: str) -> str:
+    values = {name: "" for name in FIELDS_25}
+    values.update(line_number=str(row), photo_id=str(photo_id), photo_hash="ab" * 16, user_nsid="123@N00",
+                  user_nickname="some+one", date_taken="2010-05-01+10:00:00.0", date_uploaded="1273000000",
+                  device="NIKON+D90", title="t", user_tags="a,b+c", extension_original="jpg", marker="0",
+                  download_url=f"http://farm1.staticflickr.com/1/{photo_id}_s.jpg")
+    values.update(fields)
+    return "\t".join(values[name] for name in FIELDS_25)
+
+
+def read_back(out: str, storage_options=None, scratch=None) -> list[tuple[str, bytes, dict]]:
+    """Every sample of an ingest, in manifest order, read with webdataset (remote shards copied locally)."""
+    location = Location(out, storage_options)
+    manifest = location.read_json("manifest.json")
+    urls = []
+    for shard in manifest["shards"]:
+        if location.local:
+            urls.append(location.path(shard["name"]))
+        else:
+            urls.append(os.path.join(scratch, os.path.basename(shard["name"])))
+            with open(urls[-1], "wb") as handle:
+                handle.write(location.read_bytes(shard["name"]))
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    return [(s["__key__"], s["jpg"], json.loads(s["json"])) for s in dataset]
+
+
+def ingest_files(out) -> dict[str, bytes]:
+    """Every output file's bytes (what resume must reproduce exactly)."""
+    files = {}
+    for folder, _, names in os.walk(out):
+        for name in names:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, out)
+            if not rel.startswith(".tmp"):
+                files[rel] = open(path, "rb").read()
+    return files
+
+
+def test_folder_source_labels_shards_and_metadata_alignment(tmp_path):
+    make_folder(tmp_path / "imgs")
+    result = run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "out"), shard_size=10,
+                                     workers=2))
+    assert result.counts["ok"] == 36 and result.num_shards == 4 and result.num_samples == 36
+    samples = read_back(str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out" / "metadata.parquet").to_pylist()
+    assert [s[0] for s in samples] == [row["key"] for row in table]
+    assert sorted({s[2]["label"] for s in samples}) == ["cat", "dog", "owl"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["num_samples"] for s in manifest["shards"]] == [10, 10, 10, 6]
+    for row in table:  # offsets give random access to each JPEG inside its tar
+        with open(tmp_path / "out" / manifest["shards"][row["shard"]]["name"], "rb") as handle:
+            handle.seek(row["offset"])
+            assert Image.open(io.BytesIO(handle.read(row["size"]))).size == (row["width"], row["height"])
+    assert [row["position"] for row in table[:11]] == list(range(10)) + [0]
+
+
+def test_tar_source_equals_folder_source(tmp_path):
+    make_folder(tmp_path / "imgs" / "train", num_per_class=5)
+    with tarfile.open(tmp_path / "imgs.tar", "w") as archive:
+        archive.add(tmp_path / "imgs" / "train", arcname="train")
+    run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "a"), workers=0))
+    run_ingest(IngestConfig(images=str(tmp_path / "imgs.tar"), out=str(tmp_path / "b"), workers=0))
+    assert read_back(str(tmp_path / "a")) == read_back(str(tmp_path / "b"))
+
+
+def test_corrupt_duplicate_and_unsupported_images_are_recorded(tmp_path):
+    make_folder(tmp_path / "imgs", num_per_class=4, classes=("x",))
+    good = (tmp_path / "imgs" / "x" / "000.jpg").read_bytes()
+    (tmp_path / "imgs" / "x" / "dup.jpg").write_bytes(good)
+    (tmp_path / "imgs" / "x" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "imgs" / "x" / "text.jpg").write_bytes(b"not an image")
+    (tmp_path / "imgs" / "x" / "trunc.jpg").write_bytes(_jpeg(7, (300, 300))[:900])
+    (tmp_path / "imgs" / "x" / "notes.txt").write_text("ignored: no image extension")
+    result = run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "out"), workers=0))
+    assert result.counts["ok"] == 4 and result.counts["duplicate"] == 1 and result.counts["corrupt"] == 3
+    ledger = [json.loads(line) for line in (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == 8 and [e["row"] for e in ledger] == list(range(8))
+    errors = {e["status"]: e["error"] for e in ledger if e["status"] != "ok"}
+    assert "same bytes as" in errors["duplicate"]
+    kept = run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "keep"), workers=0,
+                                   keep_duplicates=True))
+    assert kept.counts["ok"] == 5 and kept.counts["duplicate"] == 0
+
+
+def test_yfcc_metadata_with_images_root(tmp_path):
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in range(12):
+        lines.append(yfcc_line(1000 + i, i))
+        if i != 3:  # photo 1003 has no file: missing
+            (tmp_path / "img" / f"{1000 + i}.jpg").write_bytes(_jpeg(i))
+    lines.append(yfcc_line(2000, 12, marker="1"))  # a video
+    lines.append("only\tthree\tfields")  # bad metadata
+    lines.append(yfcc_line(1001, 14))  # the same photo id again
+    (tmp_path / "img" / "2000.jpg").write_bytes(_jpeg(99))
+    (tmp_path / "meta.tsv").write_text("\n".join(lines) + "\n")
+    result = run_ingest(IngestConfig(yfcc=str(tmp_path / "meta.tsv"), images=str(tmp_path / "img"),
+                                     out=str(tmp_path / "out"), shard_size=5, workers=1))
+    assert result.counts == {"ok": 11, "missing": 1, "corrupt": 0, "duplicate": 0, "video": 1,
+                             "bad_metadata": 2, "download_failed": 0}
+    samples = read_back(str(tmp_path / "out"))
+    assert [s[0] for s in samples] == [str(1000 + i) for i in range(12) if i != 3]
+    meta = samples[0][2]
+    assert meta["tags"] == ["a", "b c"] and meta["user"] == "123@N00" and meta["device"] == "NIKON D90"
+    assert meta["lat"] is None and meta["date_taken"] == "2010-05-01 10:00:00" and meta["sha256"]
+
+
+def test_rerun_of_a_complete_ingest_is_a_no_op_and_config_changes_are_refused(tmp_path):
+    make_folder(tmp_path / "imgs", num_per_class=3)
+    config = IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "out"), workers=0)
+    run_ingest(config)
+    before = ingest_files(tmp_path / "out")
+    again = run_ingest(config)
+    assert again.resumed_shards == again.num_shards and ingest_files(tmp_path / "out") == before
+    with pytest.raises(OutputExistsError):
+        run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "out"), workers=0, quality=50))
+    redone = run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "out"), workers=0,
+                                     quality=50, overwrite=True))
+    assert redone.counts["ok"] == 9
+
+
+def test_unusable_input_fails_clearly(tmp_path):
+    (tmp_path / "meta.tsv").write_text("bad\tline\n")
+    with pytest.raises(InputUnusableError):
+        run_ingest(IngestConfig(yfcc=str(tmp_path / "meta.tsv"), images=str(tmp_path), out=str(tmp_path / "o"),
+                                workers=0))
+    with pytest.raises(ValueError, match="shard_size"):
+        IngestConfig(images="x", out="y", shard_size=0)
+
+
+def test_multi_node_parts_merge_into_one_manifest(tmp_path):
+    make_folder(tmp_path / "imgs", num_per_class=10)
+    single = run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "one"), workers=0,
+                                     shard_size=4, split_rows=5))
+    for rank in (1, 0):
+        result = run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "two"), workers=0,
+                                         shard_size=4, split_rows=5, num_nodes=2, node_rank=rank))
+        assert result.complete == (rank == 0)
+    manifest = merge(str(tmp_path / "two"))
+    assert manifest["counts"] == single.counts and manifest["num_samples"] == 30
+    keys_one = sorted(s[0] for s in read_back(str(tmp_path / "one")))
+    keys_two = [s[0] for s in read_back(str(tmp_path / "two"))]
+    assert sorted(keys_two) == keys_one and len(set(keys_two)) == 30
+    assert manifest["shards"][0]["name"].startswith("shards/shard-r000-")
+
+
+# ------------------------------------------------------------------------------------------ download mode
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    images: dict[str, bytes] = {}
+    attempts: dict[str, int] = {}
+
+    def do_GET(self):  # noqa: N802 (http.server API)
+        name = self.path.rsplit("/", 1)[-1]
+        self.attempts[self.path] = self.attempts.get(self.path, 0) + 1
+        if self.path.startswith("/slow/"):
+            time.sleep(1.5)
+        if self.path.startswith("/flaky/") and self.attempts[self.path] == 1:
+            self.send_error(503)
+            return
+        body = self.images.get(name)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def http_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_mode_with_404_slow_and_flaky_endpoints(tmp_path, http_server):
+    _Handler.images = {f"{i}.jpg": _jpeg(i) for i in range(10)}
+    urls = {i: f"{http_server}/ok/{i}.jpg" for i in range(8)}
+    urls[8] = f"{http_server}/flaky/8.jpg"  # 503 once, then fine: retried
+    urls[9] = f"{http_server}/slow/9.jpg"  # slower than the timeout: fails after retries
+    urls[10] = f"{http_server}/ok/10.jpg"  # 404
+    lines = [yfcc_line(i, i, download_url=urls[i]) for i in range(11)]
+    (tmp_path / "meta.tsv").write_text("\n".join(lines) + "\n")
+    result = run_ingest(IngestConfig(yfcc=str(tmp_path / "meta.tsv"), download=True, out=str(tmp_path / "out"),
+                                     workers=1, download_timeout=0.5, download_retries=1))
+    assert result.counts["ok"] == 9 and result.counts["download_failed"] == 2
+    ledger = {e["id"]: e for e in map(json.loads, (tmp_path / "out" / "ledger.jsonl").read_text().splitlines())}
+    assert "404" in ledger["10"]["error"] and "timed out" in ledger["9"]["error"].lower()
+    assert _Handler.attempts["/flaky/8.jpg"] == 2
+    assert read_back(str(tmp_path / "out"))[8][2]["source"] == urls[8]
+
+
+# ------------------------------------------------------------------------------------------ object storage
+
+
+def test_input_and_output_on_s3(tmp_path, s3_server, s3_bucket):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    make_folder(tmp_path / "imgs", num_per_class=4)
+    fs.put(str(tmp_path / "imgs"), f"{s3_bucket}/imgs", recursive=True)
+    lines = [yfcc_line(i, i) for i in range(6)]
+    for i in range(6):
+        fs.pipe(f"{s3_bucket}/photos/{i}.jpg", _jpeg(i))
+    import gzip
+
+    fs.pipe(f"{s3_bucket}/meta.tsv.gz", gzip.compress(("\n".join(lines) + "\n").encode()))
+    local = run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "local"), workers=0))
+    remote = run_ingest(IngestConfig(images=f"{s3_bucket}/imgs", out=f"{s3_bucket}/out", workers=1,
+                                     storage_options=s3_server, shard_size=5))
+    assert remote.counts == local.counts and fs.exists(f"{s3_bucket}/out/manifest.json")
+    assert [s[1] for s in read_back(f"{s3_bucket}/out", s3_server, str(tmp_path))] == [s[1] for s in read_back(str(tmp_path / "local"))]
+    yf = run_ingest(IngestConfig(yfcc=f"{s3_bucket}/meta.tsv.gz", images=f"{s3_bucket}/photos",
+                                 out=f"{s3_bucket}/yfcc-out", workers=0, storage_options=s3_server))
+    assert yf.counts["ok"] == 6
+
+
+# ------------------------------------------------------------------------------------------ SIGKILL resume
+
+
+def _ingest_cmd(images, out):
+    return [sys.executable, "-m", "dataengine.cli", "--quiet", "ingest", "--images", str(images), "--out",
+            str(out), "--shard-size", "7", "--workers", "1"]
+
+
+def test_resume_after_sigkill_gives_identical_output(tmp_path):
+    make_folder(tmp_path / "imgs", num_per_class=40, classes=("a", "b", "c"))
+    (tmp_path / "imgs" / "a" / "zz-dup.jpg").write_bytes((tmp_path / "imgs" / "b" / "000.jpg").read_bytes())
+    (tmp_path / "imgs" / "c" / "bad.jpg").write_bytes(b"junk")
+    subprocess.run(_ingest_cmd(tmp_path / "imgs", tmp_path / "ref"), check=True)
+    reference = ingest_files(tmp_path / "ref")
+    rng = random.Random(0)
+    interrupted = 0
+    for trial in range(4):
+        out = tmp_path / f"run{trial}"
+        for _ in range(1 + trial % 2):  # one or two kills before completing
+            proc = subprocess.Popen(_ingest_cmd(tmp_path / "imgs", out))
+            target = rng.randint(1, 12)
+            deadline = time.time() + 60
+            while time.time() < deadline and proc.poll() is None:
+                done = len(os.listdir(out / "stats")) if (out / "stats").exists() else 0
+                if done >= target:
+                    break
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.05))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            interrupted += not (out / "manifest.json").exists()
+        subprocess.run(_ingest_cmd(tmp_path / "imgs", out), check=True)
+        assert ingest_files(out) == reference, f"trial {trial} differs from the uninterrupted run"
+    assert interrupted >= 3, "the kills should land before the run completes"

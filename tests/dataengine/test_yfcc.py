@@ -1,0 +1,105 @@
+"""YFCC100M metadata parser: both layouts, decoding, missing values, and a fuzz that it never raises."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataengine import yfcc
+
+LINE_25 = "\t".join([
+    "7", "6985418911", "8b3ad7b4e2d1c5d5bcb4f5e2f7d1e9a0", "39089491@N00", "Mar%C3%ADa+L%C3%B3pez",
+    "2012-03-18 14:02:11.0", "1332103331", "Canon+EOS+5D+Mark+II", "Sunset+at+the+pier",
+    "A+very+%3Cb%3Elong%3C%2Fb%3E+description", "sunset,san+francisco,caf%C3%A9,2012",
+    "geo%3Alat%3D37.8,exif%3Aiso%3D100", "-122.419416", "37.774929", "16",
+    "http://www.flickr.com/photos/39089491@N00/6985418911/",
+    "http://farm8.staticflickr.com/7206/6985418911_0123abcd.jpg", "Attribution+License",
+    "http://creativecommons.org/licenses/by/2.0/", "7206", "8", "0123abcd", "fedc9876", "jpg", "0",
+])
+
+
+def test_parses_the_25_field_layout():
+    record = yfcc.parse_line(LINE_25.encode())
+    assert isinstance(record, yfcc.YfccRecord)
+    assert record.line_number == 7 and record.photo_id == 6985418911
+    assert record.photo_hash == "8b3ad7b4e2d1c5d5bcb4f5e2f7d1e9a0"
+    assert record.user == "39089491@N00" and record.nickname == "María López"
+    assert record.date_taken == "2012-03-18 14:02:11" and record.date_uploaded == 1332103331
+    assert record.device == "Canon EOS 5D Mark II"
+    assert record.description == "A very <b>long</b> description"
+    assert record.tags == ["sunset", "san francisco", "café", "2012"]
+    assert record.machine_tags == ["geo:lat=37.8", "exif:iso=100"]
+    assert (record.lon, record.lat, record.accuracy) == (-122.419416, 37.774929, 16)
+    assert record.license == "Attribution License" and record.extension_original == "jpg"
+    assert record.marker == 0 and not record.is_video
+
+
+def test_parses_the_23_field_webscope_layout():
+    fields = LINE_25.split("\t")
+    record = yfcc.parse_line("\t".join([fields[1]] + fields[3:]))
+    assert isinstance(record, yfcc.YfccRecord)
+    assert record.photo_id == 6985418911 and record.line_number is None and record.photo_hash is None
+    assert record.tags == ["sunset", "san francisco", "café", "2012"]
+
+
+def _with(**changes):
+    fields = LINE_25.split("\t")
+    for name, value in changes.items():
+        fields[yfcc.FIELDS_25.index(name)] = value
+    return "\t".join(fields)
+
+
+def test_empty_gps_tags_and_device_are_missing_values():
+    record = yfcc.parse_line(_with(longitude="", latitude="", accuracy="", user_tags="", machine_tags="", device=""))
+    assert (record.lon, record.lat, record.accuracy) == (None, None, None)
+    assert record.tags == [] and record.machine_tags == [] and record.device is None
+
+
+@pytest.mark.parametrize("raw", ["1900-01-01 00:00:00.0", "2032-07-04 10:00:00.0", "0000-00-00 00:00:00.0", "garbage"])
+def test_bogus_dates_are_kept_raw_only(raw):
+    record = yfcc.parse_line(_with(date_taken=raw.replace(" ", "+")))
+    assert record.date_taken is None and record.date_taken_raw == raw
+
+
+def test_video_marker():
+    assert yfcc.parse_line(_with(marker="1")).is_video
+
+
+def test_non_utf8_bytes_are_replaced_not_fatal():
+    line = LINE_25.encode().replace(b"Sunset", b"Sun\xff\xfeset")
+    record = yfcc.parse_line(line)
+    assert isinstance(record, yfcc.YfccRecord) and "\ufffd" in record.title
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("", "fields"),
+    ("a\tb\tc", "fields"),
+    (LINE_25 + "\textra", "fields"),
+    (_with(photo_id="abc"), "photo id"),
+    (_with(longitude="east", latitude="north"), "coordinates"),
+    (_with(latitude="97.5"), "out of range"),
+    (_with(marker="7"), "marker"),
+])
+def test_bad_lines_give_a_reason(line, reason):
+    result = yfcc.parse_line(line)
+    assert isinstance(result, yfcc.BadLine) and reason in result.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400) | st.lists(st.text(max_size=12), min_size=20, max_size=27).map("\t".join))
+def test_fuzz_parser_never_raises(line):
+    result = yfcc.parse_line(line)
+    assert isinstance(result, (yfcc.YfccRecord, yfcc.BadLine))
+
+
+@pytest.mark.parametrize("suffix, opener", [("", open), (".gz", gzip.open), (".bz2", bz2.open)])
+def test_iter_records_reads_plain_gz_and_bz2(tmp_path, suffix, opener):
+    path = tmp_path / f"meta.tsv{suffix}"
+    with opener(path, "wb") as handle:
+        handle.write((LINE_25 + "\n" + _with(photo_id="42", marker="1") + "\n").encode())
+    records = list(yfcc.iter_records(str(path)))
+    assert [r.photo_id for r in records] == [6985418911, 42]
