@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -116,7 +117,9 @@ class Location:
         target = self.path(rel)
         if self.local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{os.getpid()}"
+            # The temporary lives in the scratch folder (same filesystem, so the rename is atomic), so a
+            # kill mid-write leaves no stray file next to the outputs.
+            tmp = os.path.join(self.scratch_dir(), f"atomic-{os.getpid()}-{uuid.uuid4().hex}")
             with open(tmp, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, target)
@@ -141,7 +144,7 @@ class Location:
             self.fs.rm(self.path(rel))
 
     def scratch_dir(self) -> str:
-        """A local folder for files being built before they are published."""
+        """A local folder for files being built before they are published (``.tmp`` inside local outputs)."""
         if self.local:
             path = os.path.join(self.root, ".tmp")
         else:
