@@ -6,56 +6,71 @@ join on row order. ``offset``/``size`` locate the sample's JPEG inside its tar f
 
 from __future__ import annotations
 
+import functools
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:
+    import pyarrow as pa
 
-META_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("shard", pa.int32()),
-        ("position", pa.int32()),
-        ("offset", pa.int64()),
-        ("size", pa.int64()),
-        ("photo_id", pa.int64()),
-        ("user", pa.string()),
-        ("nickname", pa.string()),
-        ("date_taken", pa.string()),
-        ("date_uploaded", pa.int64()),
-        ("device", pa.string()),
-        ("title", pa.string()),
-        ("description", pa.string()),
-        ("tags", pa.list_(pa.string())),
-        ("machine_tags", pa.list_(pa.string())),
-        ("lat", pa.float64()),
-        ("lon", pa.float64()),
-        ("accuracy", pa.int32()),
-        ("license", pa.string()),
-        ("download_url", pa.string()),
-        ("page_url", pa.string()),
-        ("label", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("sha256", pa.string()),
-        ("source", pa.string()),
-    ]
+# pyarrow is imported lazily: ingest workers never need it, and it costs ~0.3 s of start-up.
+_COLUMNS = (
+    ("key", "string"),
+    ("shard", "int32"),
+    ("position", "int32"),
+    ("offset", "int64"),
+    ("size", "int64"),
+    ("photo_id", "int64"),
+    ("user", "string"),
+    ("nickname", "string"),
+    ("date_taken", "string"),
+    ("date_uploaded", "int64"),
+    ("device", "string"),
+    ("title", "string"),
+    ("description", "string"),
+    ("tags", "list<string>"),
+    ("machine_tags", "list<string>"),
+    ("lat", "float64"),
+    ("lon", "float64"),
+    ("accuracy", "int32"),
+    ("license", "string"),
+    ("download_url", "string"),
+    ("page_url", "string"),
+    ("label", "string"),
+    ("width", "int32"),
+    ("height", "int32"),
+    ("sha256", "string"),
+    ("source", "string"),
 )
 _LIST_COLUMNS = ("tags", "machine_tags")
 
 
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Build a table with :data:`META_SCHEMA` from sample dicts (missing keys become nulls)."""
+@functools.cache
+def meta_schema() -> "pa.Schema":
+    """The Arrow schema of ``metadata.parquet``."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(),
+             "list<string>": pa.list_(pa.string())}
+    return pa.schema([(name, types[kind]) for name, kind in _COLUMNS])
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> "pa.Table":
+    """Build a table with :func:`meta_schema` from sample dicts (missing keys become nulls)."""
+    import pyarrow as pa
+
+    schema = meta_schema()
     columns = {}
-    for column in META_SCHEMA:
+    for column in schema:
         default = [] if column.name in _LIST_COLUMNS else None
         columns[column.name] = pa.array([row.get(column.name, default) for row in rows], column.type)
-    return pa.table(columns, schema=META_SCHEMA)
+    return pa.table(columns, schema=schema)
 
 
 def rows_to_parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     """Serialize sample dicts as a Parquet file in memory."""
+    import pyarrow.parquet as pq
+
     buffer = io.BytesIO()
     pq.write_table(rows_to_table(rows), buffer, compression="zstd")
     return buffer.getvalue()

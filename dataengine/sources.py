@@ -24,7 +24,7 @@ from typing import Any
 from dataengine import yfcc
 from dataengine.download import Downloader
 from dataengine.errors import InputUnusableError
-from dataengine.fs import iter_lines, open_input, url_to_fs
+from dataengine.fs import is_remote, iter_lines, open_input, url_to_fs
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ class Row:
     index: int
     line: bytes | None = None  # YFCC metadata line
     path: str | None = None  # image path relative to the folder/tar root
-    data: bytes | None = None  # image bytes already read (tar members)
+    data: bytes | None = None  # image bytes already read (tar members on object storage)
+    offset: int = -1  # byte range of a member inside a local tar, read by the worker
+    size: int = 0
 
 
 @dataclass
@@ -100,6 +102,13 @@ def _iter_folder_rows(root_url: str, storage_options: dict[str, Any]) -> Iterato
 
 
 def _iter_tar_rows(tar_url: str, storage_options: dict[str, Any]) -> Iterator[Row]:
+    if not is_remote(tar_url) and tar_url.lower().endswith(".tar"):
+        # A local uncompressed tar: only headers are read here; workers read member bytes by offset.
+        with tarfile.open(tar_url, "r:") as archive:
+            members = (m for m in archive if m.isfile() and is_image_name(m.name))
+            for index, member in enumerate(members):
+                yield Row(index, path=member.name, offset=member.offset_data, size=member.size)
+        return
     # Streaming mode ("r|*") reads the tar front to back once, so it works on object storage too.
     with open_input(tar_url, storage_options) as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
         index = 0
@@ -122,6 +131,7 @@ class Fetcher:
         self.downloader = downloader
         self._fs = None
         self._root = ""
+        self._tar_fd: int | None = None
         if images_url and not (download or _is_tar(images_url)):
             self._fs, self._root = url_to_fs(images_url, storage_options)
 
@@ -137,7 +147,7 @@ class Fetcher:
         else:
             for row, item in zip(rows, parsed):
                 if item.status == "ok" and item.data is None:
-                    self._read_local(row, item)
+                    self._read_tar_member(row, item) if row.offset >= 0 else self._read_local(row, item)
         return parsed
 
     def _parse(self, row: Row) -> Fetched:
@@ -166,6 +176,11 @@ class Fetcher:
         if metadata.get("download_url"):
             names.append(posixpath.basename(metadata["download_url"].split("?")[0]))
         return names
+
+    def _read_tar_member(self, row: Row, item: Fetched) -> None:
+        if self._tar_fd is None:
+            self._tar_fd = os.open(self.images_url, os.O_RDONLY)
+        item.data = os.pread(self._tar_fd, row.size, row.offset)
 
     def _read_local(self, row: Row, item: Fetched) -> None:
         names = [row.path] if row.line is None else self._candidates(item.metadata)

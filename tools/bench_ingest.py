@@ -1,0 +1,103 @@
+"""Benchmark ``dataengine ingest`` against the kernel limit measured in the same run.
+
+Kernel limit: the very same per-image work (``dataengine.images.normalize_image``: full decode, EXIF, RGB,
+resize, JPEG encode, plus the sha256 of the original bytes) in a bare ``multiprocessing.Pool`` over all cores
+on bytes already in memory, writing nothing. Ingest: the real command from the shell (``dataengine ingest
+--images TAR --out DIR``), wall time including interpreter start-up, tar reading, shard writing, parquet
+and manifest. The ratio ingest/kernel is what the pipeline keeps of the machine (target >= 0.90).
+
+Usage: python tools/bench_ingest.py [--tar ../shared/data/imagenette2-train-4k.tar] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+from dataengine.images import normalize_image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_TAR = os.path.join(HERE, "..", "..", "shared", "data", "imagenette2-train-4k.tar")
+
+
+def _kernel(args: tuple[bytes, int, int]) -> int:
+    data, image_size, quality = args
+    hashlib.sha256(data).hexdigest()
+    return len(normalize_image(data, image_size, quality).jpeg)
+
+
+def read_members(tar_path: str) -> list[bytes]:
+    with tarfile.open(tar_path) as archive:
+        return [archive.extractfile(m).read() for m in archive if m.isfile()]
+
+
+def kernel_rate(blobs: list[bytes], workers: int, image_size: int, quality: int) -> float:
+    """Images/s of the bare kernel over all cores (pool start-up excluded)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers) as pool:
+        pool.map(_kernel, [(blobs[0], image_size, quality)] * workers)  # warm the workers up
+        start = time.perf_counter()
+        pool.map(_kernel, [(b, image_size, quality) for b in blobs], chunksize=32)
+        return len(blobs) / (time.perf_counter() - start)
+
+
+def ingest_rate(tar_path: str, workers: int, image_size: int, quality: int, scratch: str) -> tuple[float, dict]:
+    """Images/s of ``dataengine ingest`` from the shell (wall time of the whole command)."""
+    out = os.path.join(scratch, "out")
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "dataengine.cli", "--quiet", "ingest", "--images", tar_path, "--out", out,
+               "--workers", str(workers), "--image-size", str(image_size), "--quality", str(quality), "--json"]
+    start = time.perf_counter()
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return summary["counts"]["ok"] / seconds, summary
+
+
+def startup_seconds() -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dataengine.cli", "ingest", "--help"], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tar", default=DEFAULT_TAR)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--quality", type=int, default=90)
+    args = parser.parse_args()
+    if not os.path.exists(args.tar):
+        sys.exit(f"{args.tar} not found (see ../shared/data/README.md)")
+    blobs = read_members(args.tar)
+    print(f"{len(blobs)} images from {os.path.basename(args.tar)}, {args.workers} workers, "
+          f"image_size={args.image_size}, repeats={args.repeats}")
+    kernels, ingests, starts = [], [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(args.repeats):
+            kernels.append(kernel_rate(blobs, args.workers, args.image_size, args.quality))
+            rate, summary = ingest_rate(args.tar, args.workers, args.image_size, args.quality, scratch)
+            ingests.append(rate)
+            starts.append(startup_seconds())
+            print(f"  run {repeat}: kernel {kernels[-1]:.1f} img/s, ingest {rate:.1f} img/s "
+                  f"(ok={summary['counts']['ok']}, shards={summary['num_shards']})")
+    kernel, ingest = statistics.median(kernels), statistics.median(ingests)
+    print(f"kernel limit     : {kernel:8.1f} images/s ({kernel / args.workers:.1f} per core)")
+    print(f"dataengine ingest: {ingest:8.1f} images/s ({ingest / args.workers:.1f} per core), wall time from the shell")
+    print(f"ratio ingest/kernel: {ingest / kernel:.3f} (target >= 0.90)")
+    print(f"CLI start-up (ingest --help): {statistics.median(starts) * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
