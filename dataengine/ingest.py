@@ -456,11 +456,13 @@ def merge(out_url: str, storage_options: dict[str, Any] | None = None) -> dict[s
                           download=recorded["download"], num_nodes=num_nodes, workers=0)
     all_stats = _all_node_stats(out, config)
     shards = [s for s in all_stats if s["name"]]
-    cross_dups = _write_metadata(out, shards, num_nodes)
-    _write_ledger(out, all_stats)
     counts = collections.Counter()
     for stats in all_stats:
         counts.update(stats["counts"])
+    if not counts.get("ok"):
+        raise InputUnusableError(f"no usable image among {sum(counts.values())} input rows: {dict(counts)}")
+    cross_dups = _write_metadata(out, shards, num_nodes)
+    _write_ledger(out, all_stats)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -549,10 +551,8 @@ def run_ingest(config: IngestConfig, progress: Callable[[int], None] | None = No
 
 def _finish_node(out: Location, config: IngestConfig, writer: ShardWriter) -> None:
     counts = dict(writer.done_counts)
-    if not sum(counts.values()):
+    if config.num_nodes == 1 and not sum(counts.values()):
         raise InputUnusableError(f"no input rows found in {config.yfcc or config.images}")
-    if not counts.get("ok"):
-        raise InputUnusableError(f"no usable image among {sum(counts.values())} input rows: {counts}")
     out.write_json(f"nodes/node-{config.node_rank:03d}.json",
                    {"rank": config.node_rank, "num_shards": writer.num_shards, "counts": counts})
 
