@@ -7,6 +7,8 @@ Each command module registers its commands on :data:`dataengine.cli.app.app` whe
 from dataengine.cli.app import app
 # Command modules register themselves on import (one line each).
 from dataengine.cli import ingest as _ingest  # noqa: F401
+from dataengine.cli import synth as _synth  # noqa: F401
+from dataengine.cli import demo as _demo  # noqa: F401
 
 
 def main() -> None:
