@@ -307,3 +307,28 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path):
         subprocess.run(_ingest_cmd(tmp_path / "imgs", out), check=True)
         assert ingest_files(out) == reference, f"trial {trial} differs from the uninterrupted run"
     assert interrupted >= 3, "the kills should land before the run completes"
+
+
+# ------------------------------------------------------------------------------------------ synthetic corpus
+
+
+def test_synth_corpus_round_trips_through_ingest(tmp_path):
+    from dataengine import yfcc
+    from dataengine.synth import SynthConfig, generate_corpus
+
+    summary = generate_corpus(str(tmp_path / "corpus"), SynthConfig(num_images=300, seed=3))
+    result = run_ingest(IngestConfig(yfcc=str(tmp_path / "corpus" / "metadata.tsv"),
+                                     images=str(tmp_path / "corpus" / "images"), out=str(tmp_path / "out"),
+                                     shard_size=64, workers=2))
+    assert result.counts == {status: summary.expected_counts.get(status, 0) for status in result.counts}
+    records = {r.photo_id: r for r in yfcc.iter_records(str(tmp_path / "corpus" / "metadata.tsv"))}
+    samples = read_back(str(tmp_path / "out"))
+    assert len(samples) == result.counts["ok"]
+    fields = ("user", "nickname", "date_taken", "date_uploaded", "device", "title", "tags", "machine_tags",
+              "lat", "lon", "accuracy", "license", "download_url", "marker")
+    for key, _, meta in samples:
+        record = records[int(key)].to_dict()
+        assert {f: meta[f] for f in fields} == {f: record[f] for f in fields}
+    table = pq.read_table(tmp_path / "out" / "metadata.parquet")
+    assert table["key"].to_pylist() == [s[0] for s in samples]
+    assert table["tags"].to_pylist() == [s[2]["tags"] for s in samples]
