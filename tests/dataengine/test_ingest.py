@@ -332,3 +332,21 @@ def test_synth_corpus_round_trips_through_ingest(tmp_path):
     table = pq.read_table(tmp_path / "out" / "metadata.parquet")
     assert table["key"].to_pylist() == [s[0] for s in samples]
     assert table["tags"].to_pylist() == [s[2]["tags"] for s in samples]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_header_scan_matches_tarfile(tmp_path, fmt):
+    from dataengine.sources import scan_tar
+
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as archive:
+        for name in ("a/b.jpg", "d" * 60 + "/" + "e" * 80 + ".jpg", "x" * 150 + ".jpg", "caf\u00e9/\u6771.jpg"):
+            if fmt == tarfile.USTAR_FORMAT and len(name) > 100 and "/" not in name:
+                continue  # not representable in plain ustar
+            info = tarfile.TarInfo(name)
+            data = name.encode() * 3
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as archive:
+        expected = [(m.name, m.offset_data, m.size) for m in archive if m.isfile()]
+    assert list(scan_tar(str(path))) == expected and expected
