@@ -1,0 +1,235 @@
+"""FAISS indices stored with a clustering: over its centroids and over its features.
+
+* :func:`build_centroid_index` assigns new features to the clustering's centroids: exact (flat) for small
+  k, HNSW or IVF (approximate, measured by :func:`recall_at_1`) for large k.
+* :func:`build_neighbor_index` finds nearest neighbours among the clustered features; its type follows the
+  number of rows and a memory budget (:func:`plan_neighbor_index`): flat, IVF-Flat or IVF-PQ.
+* :func:`index_to_bytes` / :func:`index_from_bytes` turn an index into bytes and back
+  (``faiss.serialize_index``); the caller stores the bytes next to the clustering.
+
+Row ids in the neighbour index are local row indices (``0 .. data.num_rows - 1``), in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from indexes.data import RowSource, prefetched
+from indexes.distributed import LocalReducer
+from indexes.sampling import smallest_key_rows
+
+logger = logging.getLogger(__name__)
+
+_PQ_BITS = 8
+_MIN_TRAIN_PER_LIST = 39  # faiss warns below 39 training points per list / per PQ centroid
+
+
+@dataclass(frozen=True, kw_only=True)
+class CentroidIndexConfig:
+    """Which index assigns new features to the centroids."""
+
+    kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
+    """``"auto"``: flat up to ``max_flat_centroids`` centroids, HNSW above."""
+    max_flat_centroids: int = 16384
+    """Largest k for which ``"auto"`` picks the exact flat index."""
+    hnsw_neighbors: int = 32
+    """HNSW graph degree (M)."""
+    hnsw_ef_construction: int = 80
+    """HNSW beam width while building."""
+    hnsw_ef_search: int = 128
+    """HNSW beam width while searching (stored in the index)."""
+    ivf_num_lists: int | None = None
+    """IVF lists; ``None`` uses about ``4 * sqrt(k)``."""
+    ivf_num_probes: int = 16
+    """IVF lists visited per query (stored in the index)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "flat", "hnsw", "ivf"):
+            raise ValueError(f"kind={self.kind!r} must be 'auto', 'flat', 'hnsw' or 'ivf'")
+        counts = ("max_flat_centroids", "hnsw_neighbors", "hnsw_ef_construction", "hnsw_ef_search", "ivf_num_probes")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.ivf_num_lists is not None and self.ivf_num_lists < 1:
+            raise ValueError(f"ivf_num_lists={self.ivf_num_lists} must be >= 1 (or None)")
+
+
+def build_centroid_index(centroids: np.ndarray, config: CentroidIndexConfig | None = None):
+    """An L2 index over ``centroids`` whose ids are the cluster ids (row order of ``centroids``)."""
+    import faiss
+
+    config = config or CentroidIndexConfig()
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    k, dim = centroids.shape
+    kind = config.kind if config.kind != "auto" else ("flat" if k <= config.max_flat_centroids else "hnsw")
+    if kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_neighbors)
+        index.hnsw.efConstruction = config.hnsw_ef_construction
+        index.hnsw.efSearch = config.hnsw_ef_search
+    else:
+        num_lists = config.ivf_num_lists or max(1, min(k // _MIN_TRAIN_PER_LIST, int(4 * math.sqrt(k))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, num_lists)
+        index.train(centroids)
+        index.nprobe = min(config.ivf_num_probes, num_lists)
+    index.add(centroids)
+    logger.info("centroid index: %s over %d centroids", kind, k)
+    return index
+
+
+def search_nearest(index, rows: np.ndarray, *, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest indexed vector of every row: ``(ids int64, squared distances float32)``, in batches."""
+    rows = np.asarray(rows)
+    ids = np.empty(rows.shape[0], dtype=np.int64)
+    sqdist = np.empty(rows.shape[0], dtype=np.float32)
+    for start in range(0, rows.shape[0], batch_rows):
+        part = np.ascontiguousarray(rows[start : start + batch_rows], dtype=np.float32)
+        dist, found = index.search(part, 1)
+        ids[start : start + part.shape[0]] = found[:, 0]
+        sqdist[start : start + part.shape[0]] = dist[:, 0]
+    return ids, sqdist
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeighborIndexConfig:
+    """How to index the features for nearest-neighbour search."""
+
+    memory_budget_bytes: int
+    """Largest size the index may have in memory (vectors or codes, ids, coarse centroids)."""
+    kind: Literal["auto", "flat", "ivf_flat", "ivf_pq"] = "auto"
+    """``"auto"``: flat up to ``max_flat_rows`` rows if it fits, else IVF-Flat if it fits, else IVF-PQ."""
+    max_flat_rows: int = 100_000
+    """Above this many rows ``"auto"`` avoids brute force (a query scans every row)."""
+    num_lists: int | None = None
+    """IVF lists; ``None`` uses about ``4 * sqrt(rows)``."""
+    num_probes: int = 16
+    """IVF lists visited per query (stored in the index)."""
+    pq_bytes: int | None = None
+    """IVF-PQ code size per vector (a divisor of the dimension); ``None``: the largest that fits the budget."""
+    max_train_rows: int = 131072
+    """Training sample for the IVF lists and PQ codebooks (drawn at random, seeded)."""
+    seed: int = 0
+    """Seed of the training sample and of faiss's k-means."""
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_bytes < 1:
+            raise ValueError(f"memory_budget_bytes={self.memory_budget_bytes} must be >= 1")
+        if self.kind not in ("auto", "flat", "ivf_flat", "ivf_pq"):
+            raise ValueError(f"kind={self.kind!r} must be 'auto', 'flat', 'ivf_flat' or 'ivf_pq'")
+        for name in ("max_flat_rows", "num_probes", "max_train_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("num_lists", "pq_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (or None)")
+
+
+@dataclass(frozen=True)
+class NeighborIndexPlan:
+    """The index chosen for a number of rows and a budget."""
+
+    kind: str
+    num_lists: int
+    pq_bytes: int
+    estimated_bytes: int
+
+    def to_dict(self) -> dict:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def plan_neighbor_index(num_rows: int, dim: int, config: NeighborIndexConfig) -> NeighborIndexPlan:
+    """Pick the neighbour index type and its sizes; raises ``ValueError`` when nothing fits the budget."""
+    num_lists = config.num_lists or max(1, min(num_rows // _MIN_TRAIN_PER_LIST, int(4 * math.sqrt(num_rows))))
+    coarse = num_lists * dim * 4
+    flat = num_rows * dim * 4
+    ivf_flat = num_rows * (dim * 4 + 8) + coarse
+    budget = config.memory_budget_bytes
+    kinds = [config.kind] if config.kind != "auto" else ["flat", "ivf_flat", "ivf_pq"]
+    if "flat" in kinds and (config.kind == "flat" or num_rows <= config.max_flat_rows) and flat <= budget:
+        return NeighborIndexPlan(kind="flat", num_lists=0, pq_bytes=0, estimated_bytes=flat)
+    if "ivf_flat" in kinds and ivf_flat <= budget:
+        return NeighborIndexPlan(kind="ivf_flat", num_lists=num_lists, pq_bytes=0, estimated_bytes=ivf_flat)
+    if "ivf_pq" in kinds:
+        for pq_bytes in _pq_sizes(dim, config.pq_bytes):
+            size = num_rows * (pq_bytes + 8) + coarse + (1 << _PQ_BITS) * dim * 4
+            if size <= budget:
+                return NeighborIndexPlan(kind="ivf_pq", num_lists=num_lists, pq_bytes=pq_bytes, estimated_bytes=size)
+    raise ValueError(
+        f"no {config.kind} index of {num_rows} x {dim} fits memory_budget_bytes={budget}; raise the budget"
+    )
+
+
+def build_neighbor_index(
+    data: RowSource,
+    config: NeighborIndexConfig,
+    *,
+    progress: Callable[[int], None] | None = None,
+):
+    """Index every row of ``data`` (ids = local row indices); returns ``(index, plan)``."""
+    import faiss
+
+    plan = plan_neighbor_index(data.num_rows, data.dim, config)
+    if plan.kind == "flat":
+        index = faiss.IndexFlatL2(data.dim)
+    else:
+        quantizer = faiss.IndexFlatL2(data.dim)
+        if plan.kind == "ivf_flat":
+            index = faiss.IndexIVFFlat(quantizer, data.dim, plan.num_lists)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, data.dim, plan.num_lists, plan.pq_bytes, _PQ_BITS)
+        index.cp.seed = config.seed
+        index.train(_training_rows(data, config))
+        index.nprobe = min(config.num_probes, plan.num_lists)
+    for _, rows in prefetched(data.iter_blocks()):
+        index.add(rows)
+        if progress is not None:
+            progress(rows.shape[0])
+    logger.info("neighbour index: %s", plan)
+    return index, plan
+
+
+def index_to_bytes(index) -> bytes:
+    """Serialise a faiss index (GPU indices are copied to CPU first)."""
+    import faiss
+
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        index = faiss.index_gpu_to_cpu(index)
+    return faiss.serialize_index(index).tobytes()
+
+
+def index_from_bytes(buffer: bytes):
+    """Inverse of :func:`index_to_bytes`."""
+    import faiss
+
+    return faiss.deserialize_index(np.frombuffer(buffer, dtype=np.uint8))
+
+
+def recall_at_1(found: np.ndarray, exact: np.ndarray) -> float:
+    """Fraction of queries whose returned id is the exact nearest one."""
+    found, exact = np.asarray(found).reshape(-1), np.asarray(exact).reshape(-1)
+    if found.shape != exact.shape:
+        raise ValueError(f"found {found.shape} and exact {exact.shape} differ in length")
+    return float(np.mean(found == exact)) if found.size else 1.0
+
+
+def _pq_sizes(dim: int, requested: int | None) -> list[int]:
+    if requested is not None:
+        if dim % requested:
+            raise ValueError(f"pq_bytes={requested} must divide the dimension {dim}")
+        return [requested]
+    return [m for m in range(dim, 0, -1) if dim % m == 0]
+
+
+def _training_rows(data: RowSource, config: NeighborIndexConfig) -> np.ndarray:
+    members = [np.arange(data.num_rows, dtype=np.int64)]
+    wanted = np.array([config.max_train_rows])
+    sample = smallest_key_rows(members, wanted, row_offset=data.row_offset, seed=config.seed, reducer=LocalReducer())
+    return data.take(sample[0])

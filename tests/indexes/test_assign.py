@@ -1,0 +1,100 @@
+"""Nearest-centroid assignment and float64 sums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexes import assign as assign_module
+from indexes.assign import Assigner, ClusterSums, assign_source, rows_per_task
+from indexes.data import ArrayDataset
+
+
+def _brute_force(rows: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d2 = ((rows[:, None, :].astype(np.float64) - centroids[None, :, :]) ** 2).sum(-1)
+    return d2.argmin(1), d2.min(1)
+
+
+def _no_near_ties(rows, centroids, labels):
+    d2 = np.sort(((rows[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1), axis=1)
+    return (d2[:, 1] - d2[:, 0]) > 1e-3 * (1 + d2[:, 0])
+
+
+@pytest.mark.parametrize("backend", ["blas", "torch", "faiss"])
+def test_backends_match_brute_force(backend):
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((3000, 24)).astype(np.float32)
+    centroids = rng.standard_normal((37, 24)).astype(np.float32)
+    labels, sqdist = Assigner(centroids, backend=backend, num_threads=2).assign(rows)
+    exact_labels, exact_d2 = _brute_force(rows, centroids)
+    clear = _no_near_ties(rows, centroids, exact_labels)
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(labels[clear], exact_labels[clear])
+    np.testing.assert_allclose(sqdist, exact_d2, rtol=1e-4, atol=1e-3)
+
+
+def test_sums_are_exact_float64_and_thread_count_does_not_matter():
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((5000, 8)).astype(np.float32)
+    centroids = rows[:300].copy()  # k > rows_per_task // 4: the sparse (unique-label) partial sums
+    results = []
+    for threads in (1, 2):
+        sums = ClusterSums.zeros(300, 8)
+        labels, sqdist = Assigner(centroids, backend="blas", num_threads=threads).assign(rows, sums)
+        results.append((labels, sums))
+    (labels, sums), (labels2, sums2) = results
+    np.testing.assert_array_equal(labels, labels2)
+    np.testing.assert_array_equal(sums.sums, sums2.sums)
+    assert sums.objective == sums2.objective
+    expected = np.zeros((300, 8))
+    np.add.at(expected, labels, rows.astype(np.float64))
+    np.testing.assert_allclose(sums.sums, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(sums.counts, np.bincount(labels, minlength=300))
+
+
+def test_dense_partial_sums_for_small_k():
+    rng = np.random.default_rng(2)
+    rows = rng.standard_normal((10000, 4)).astype(np.float32)
+    centroids = rng.standard_normal((3, 4)).astype(np.float32)
+    sums = ClusterSums.zeros(3, 4)
+    labels, _ = Assigner(centroids, backend="blas", num_threads=2).assign(rows, sums)
+    for c in range(3):
+        np.testing.assert_allclose(sums.sums[c], rows[labels == c].astype(np.float64).sum(0), rtol=1e-10)
+
+
+def test_centroid_tiles_give_the_same_answer_as_one_tile(monkeypatch):
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((500, 6)).astype(np.float32)
+    centroids = rng.standard_normal((100, 6)).astype(np.float32)
+    whole = Assigner(centroids, backend="blas").assign(rows)
+    monkeypatch.setattr(assign_module, "_CENTROID_TILE", 16)  # 7 tiles, the last one partial
+    tiled = Assigner(centroids, backend="blas").assign(rows)
+    np.testing.assert_array_equal(tiled[0], whole[0])
+    np.testing.assert_allclose(tiled[1], whole[1], rtol=1e-5, atol=1e-5)
+
+
+def test_ties_go_to_the_lowest_cluster_id():
+    centroids = np.array([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]], dtype=np.float32)
+    labels, _ = Assigner(centroids, backend="blas").assign(np.array([[2.0, 0.0], [-3.0, 0.0]], dtype=np.float32))
+    np.testing.assert_array_equal(labels, [0, 2])
+
+
+def test_assign_source_streams_blocks():
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((1000, 5)).astype(np.float32)
+    centroids = rng.standard_normal((9, 5)).astype(np.float32)
+    seen = []
+    labels, sqdist = assign_source(ArrayDataset(rows, block_rows=128), centroids, progress=seen.append)
+    expected, _ = Assigner(centroids).assign(rows)
+    assert labels.dtype == np.int32 and sum(seen) == 1000
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_rows_per_task_depends_on_k_only():
+    assert rows_per_task(4) == 4096
+    assert rows_per_task(256) == 2048
+    assert rows_per_task(100_000) == 512
+    with pytest.raises(ValueError, match="backend"):
+        Assigner(np.zeros((2, 2), dtype=np.float32), backend="gpu")
+    with pytest.raises(ValueError, match="columns"):
+        Assigner(np.zeros((2, 2), dtype=np.float32)).assign(np.zeros((3, 5), dtype=np.float32))

@@ -1,0 +1,96 @@
+"""FAISS indices over centroids and features: exact where flat, measured recall where approximate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexes.assign import Assigner
+from indexes.data import ArrayDataset
+from indexes.faiss_index import (
+    CentroidIndexConfig,
+    NeighborIndexConfig,
+    build_centroid_index,
+    build_neighbor_index,
+    index_from_bytes,
+    index_to_bytes,
+    plan_neighbor_index,
+    recall_at_1,
+    search_nearest,
+)
+from indexes.hierarchical import HierarchicalKMeansConfig, fit_hierarchical_kmeans
+
+
+def test_flat_centroid_index_assigns_exactly_as_brute_force(blobs):
+    rows = blobs(3000, 16, centers=30)
+    clustering = fit_hierarchical_kmeans(ArrayDataset(rows), HierarchicalKMeansConfig(levels=(3, 10), seed=0))
+    leaf = clustering.levels[1]
+    index = index_from_bytes(index_to_bytes(build_centroid_index(leaf.centroids)))  # stored and loaded
+    new_rows = blobs(1000, 16, centers=30, seed=5)
+    found, _ = search_nearest(index, new_rows, batch_rows=300)
+    exact, _ = Assigner(leaf.centroids).assign(new_rows)
+    np.testing.assert_array_equal(found, exact)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_centroid_index_recall_is_measured(kind, blobs):
+    rng = np.random.default_rng(1)
+    centroids = rng.standard_normal((2000, 16)).astype(np.float32)
+    queries = centroids[rng.integers(0, 2000, 1000)] + 0.3 * rng.standard_normal((1000, 16)).astype(np.float32)
+    config = CentroidIndexConfig(kind=kind, hnsw_ef_search=64, ivf_num_probes=8)
+    index = index_from_bytes(index_to_bytes(build_centroid_index(centroids, config)))
+    found, _ = search_nearest(index, queries)
+    exact, _ = Assigner(centroids).assign(queries)
+    recall = recall_at_1(found, exact)
+    assert recall > 0.9, f"{kind} recall@1 = {recall:.3f}"
+
+
+def test_search_parameters_survive_serialisation():
+    centroids = np.random.default_rng(2).standard_normal((500, 8)).astype(np.float32)
+    def stored_and_loaded(config):
+        return index_from_bytes(index_to_bytes(build_centroid_index(centroids, config)))
+
+    hnsw = stored_and_loaded(CentroidIndexConfig(kind="hnsw", hnsw_ef_search=77))
+    assert hnsw.hnsw.efSearch == 77
+    ivf = stored_and_loaded(CentroidIndexConfig(kind="ivf", ivf_num_probes=5))
+    assert ivf.nprobe == 5 and ivf.ntotal == 500
+
+
+def test_neighbor_index_kind_follows_size_and_budget():
+    config = NeighborIndexConfig(memory_budget_bytes=10**9)
+    assert plan_neighbor_index(50_000, 64, config).kind == "flat"
+    assert plan_neighbor_index(1_000_000, 64, config).kind == "ivf_flat"
+    tight = plan_neighbor_index(1_000_000, 64, NeighborIndexConfig(memory_budget_bytes=60 * 10**6))
+    assert tight.kind == "ivf_pq" and tight.estimated_bytes <= 60 * 10**6 and 64 % tight.pq_bytes == 0
+    with pytest.raises(ValueError, match="budget"):
+        plan_neighbor_index(1_000_000, 64, NeighborIndexConfig(memory_budget_bytes=1000))
+    with pytest.raises(ValueError, match="pq_bytes=5"):
+        plan_neighbor_index(1_000_000, 64, NeighborIndexConfig(memory_budget_bytes=10**9, kind="ivf_pq", pq_bytes=5))
+
+
+def _exact_neighbours(rows, queries):
+    found, _ = Assigner(rows).assign(queries)
+    return found
+
+
+def test_flat_neighbor_index_is_exact(blobs):
+    rows = blobs(2000, 16)
+    queries = blobs(200, 16, seed=9)
+    config = NeighborIndexConfig(memory_budget_bytes=10**8)
+    index, plan = build_neighbor_index(ArrayDataset(rows, block_rows=512), config)
+    assert plan.kind == "flat" and index.ntotal == 2000
+    found, _ = search_nearest(index_from_bytes(index_to_bytes(index)), queries)
+    np.testing.assert_array_equal(found, _exact_neighbours(rows, queries))
+
+
+@pytest.mark.parametrize("kind, floor", [("ivf_flat", 0.95), ("ivf_pq", 0.8)])
+def test_ivf_neighbor_index_recall_is_measured(kind, floor, blobs):
+    rows = blobs(20_000, 32, centers=50, seed=3)
+    queries = rows[:200] + 0.5 * np.random.default_rng(4).standard_normal((200, 32)).astype(np.float32)
+    config = NeighborIndexConfig(memory_budget_bytes=10**9, kind=kind, num_lists=64, num_probes=16, pq_bytes=8,
+                                 max_train_rows=4096)
+    index, plan = build_neighbor_index(ArrayDataset(rows, block_rows=4096), config)
+    assert plan.kind == kind and index.ntotal == 20_000
+    found, _ = search_nearest(index_from_bytes(index_to_bytes(index)), queries)
+    recall = recall_at_1(found, _exact_neighbours(rows, queries))
+    assert recall >= floor, f"{kind} recall@1 = {recall:.3f}"
