@@ -1,0 +1,83 @@
+"""``dataengine embed``: ingest shards -> Zarr v3 feature store (resumable; distributed under ``torchrun``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Optional
+
+import typer
+
+from dataengine.cli.app import app, console, emit_summary, fail, progress_bar
+
+
+@contextlib.contextmanager
+def _process_group(device: str) -> Iterator[int]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL on GPU, gloo on CPU); yields the rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        yield 0
+        return
+    import torch
+    import torch.distributed as dist
+
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+@app.command()
+def embed(
+    shards: str = typer.Argument(..., help="Ingest output folder (with manifest.json), local or s3://."),
+    out: str = typer.Option(..., "--out", help="Feature store (Zarr v3 group), local path or s3:// URL."),
+    model: Optional[str] = typer.Option(None, "--model", help="vgg16_bn, resnet18, resnet50 or small "
+                                        "(default resnet18, or the checkpoint's)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Local state-dict file (torchvision layout)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Trainer checkpoint file or run folder."),
+    sobel: bool = typer.Option(False, "--sobel", help="Fixed grayscale + Sobel input layer."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Feature layer (default: the penultimate)."),
+    image_size: int = typer.Option(224, "--image-size", help="Center-crop side fed to the model."),
+    resize_size: Optional[int] = typer.Option(None, "--resize-size", help="Shorter side before the crop "
+                                              "(default image-size * 256/224)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward (default: fit memory)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (default min(4, cores))."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored feature type: float16 or float32."),
+    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", help="Rows per chunk (default: >= 1 MB)."),
+    chunks_per_shard: int = typer.Option(1, "--chunks-per-shard", help="Chunks per object (Zarr sharding codec)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with another configuration."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """Embed every sample of an ingest output into a chunked Zarr feature store, resumably."""
+    from dataengine.embed import EmbedConfig, run_embed
+    from dataengine.errors import DataEngineError
+    from dataengine.fs import parse_storage_options
+    from dataengine.models import WeightsMismatchError
+
+    try:
+        config = EmbedConfig(
+            shards=shards, out=out, model=model, weights=weights, checkpoint=checkpoint, sobel=sobel, layer=layer,
+            image_size=image_size, resize_size=resize_size, batch_size=batch_size,
+            workers=min(4, os.cpu_count() or 1) if workers is None else workers, dtype=dtype,
+            chunk_rows=chunk_rows, chunks_per_shard=chunks_per_shard, seed=seed, device=device,
+            num_threads=threads, storage_options=parse_storage_options(storage_options), overwrite=overwrite,
+        )
+        with _process_group(device) as rank, progress_bar("embed rows") as update:
+            result = run_embed(config, progress=lambda rows: update(rows))
+    except (ValueError, DataEngineError, FileNotFoundError, MemoryError, WeightsMismatchError) as exc:
+        fail(str(exc))
+    if rank != 0:
+        return
+    console.print(f"{out}: {result.num_rows} rows x {result.dim}, {result.computed_rows} embedded in "
+                  f"{result.seconds:.1f} s ({result.images_per_second:.1f} images/s), {result.resumed_blocks} of "
+                  f"{result.num_blocks} blocks already done, {result.num_invalid} invalid rows")
+    emit_summary(result.to_dict(), as_json)

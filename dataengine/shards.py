@@ -1,0 +1,257 @@
+"""Reading side of the shard format written by ingest: the manifest, shard URLs, webdataset streams.
+
+An ingest output (local folder or ``s3://`` prefix) holds ``manifest.json`` (written last) listing webdataset
+tar shards in row order: row ``r`` of ``metadata.parquet`` is the r-th sample when reading the shards in
+manifest order, each tar in order. :class:`ShardSet` gives every shard its first global row, so a range of
+rows maps to the shards overlapping it (:meth:`ShardSet.overlapping`).
+
+Streams are webdataset pipelines. Remote shards are opened through fsspec by an opener registered in
+``webdataset.gopen_schemes`` (:func:`register_fsspec_opener`): never through ``pipe:`` subprocesses.
+Per-sample problems met while streaming go through one handler, :class:`StreamErrors`, which records data
+errors (a corrupt tar member, a truncated tar) and re-raises I/O errors, which are worth a retry rather than
+marking rows invalid for good.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from dataengine.errors import IncompleteOutputError, InputUnusableError
+from dataengine.fs import Location
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "dataengine.shards"
+SUPPORTED_VERSIONS = (1,)
+# Protocols whose shards are opened through fsspec. Local paths and file:// URLs are opened by webdataset.
+FSSPEC_PROTOCOLS = ("s3", "gcs", "gs", "az", "abfs", "memory")
+# Storage options per protocol, read by the gopen opener (webdataset passes no options through its stages).
+_STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard of a shard set.
+
+    Attributes:
+        index: position in the manifest.
+        name: path relative to the shard set root (``shards/shard-000000.tar``).
+        url: full URL or local path of the tar.
+        num_samples: samples in the tar.
+        first_row: global row (in ``metadata.parquet``) of the shard's first sample.
+    """
+
+    index: int
+    name: str
+    url: str
+    num_samples: int
+    first_row: int
+
+    @property
+    def end_row(self) -> int:
+        """One past the global row of the shard's last sample."""
+        return self.first_row + self.num_samples
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A complete ingest output: its manifest and shards with their global row ranges.
+
+    Attributes:
+        url: root of the ingest output.
+        storage_options: fsspec options to read it.
+        manifest: the parsed ``manifest.json``.
+        digest: sha256 of the manifest's bytes (identifies the exact input of later stages).
+        shards: the shards in row order.
+    """
+
+    url: str
+    storage_options: dict[str, Any]
+    manifest: dict[str, Any]
+    digest: str
+    shards: tuple[ShardInfo, ...]
+    _starts: tuple[int, ...] = field(repr=False, default=())
+
+    @property
+    def num_samples(self) -> int:
+        """Total number of samples (rows of ``metadata.parquet``)."""
+        return self.shards[-1].end_row if self.shards else 0
+
+    @property
+    def metadata_url(self) -> str:
+        """URL of ``metadata.parquet``."""
+        return Location(self.url, self.storage_options).child_url("metadata.parquet")
+
+    def urls(self) -> list[str]:
+        """Shard URLs (local paths for local sets) in manifest order."""
+        return [shard.url for shard in self.shards]
+
+    def overlapping(self, row_start: int, row_end: int) -> list[tuple[ShardInfo, int, int]]:
+        """Shards overlapping global rows ``[row_start, row_end)``, each with the overlap as shard positions.
+
+        Returns:
+            ``(shard, first_position, end_position)`` for every shard with samples in the range, in order.
+        """
+        found = []
+        index = max(0, bisect.bisect_right(self._starts, row_start) - 1)
+        while index < len(self.shards) and self.shards[index].first_row < row_end:
+            shard = self.shards[index]
+            low, high = max(row_start, shard.first_row), min(row_end, shard.end_row)
+            if low < high:
+                found.append((shard, low - shard.first_row, high - shard.first_row))
+            index += 1
+        return found
+
+
+def load_shard_set(url: str, storage_options: dict[str, Any] | None = None) -> ShardSet:
+    """Load and validate the manifest of an ingest output.
+
+    Args:
+        url: the folder given to ``dataengine ingest --out`` (local path or fsspec URL).
+        storage_options: fsspec options (``endpoint_url``, ``key``, ``secret``...).
+
+    Raises:
+        IncompleteOutputError: ``manifest.json`` is missing (the ingest did not finish).
+        InputUnusableError: the manifest is not a supported ``dataengine.shards`` manifest, or lists no sample.
+    """
+    location = Location(url, storage_options)
+    if not location.exists("manifest.json"):
+        raise IncompleteOutputError(f"{location.url} has no manifest.json: not an ingest output, or the ingest "
+                                    "has not finished (re-run `dataengine ingest` to complete it)")
+    data = location.read_bytes("manifest.json")
+    manifest = _parse_manifest(data, location.url)
+    shards, row = [], 0
+    for index, entry in enumerate(manifest["shards"]):
+        shards.append(ShardInfo(index, entry["name"], location.child_url(entry["name"]), int(entry["num_samples"]),
+                                row))
+        row += int(entry["num_samples"])
+    if row == 0:
+        raise InputUnusableError(f"{location.url}: the manifest lists no sample")
+    return ShardSet(location.url, dict(storage_options or {}), manifest, hashlib.sha256(data).hexdigest(),
+                    tuple(shards), tuple(s.first_row for s in shards))
+
+
+def _parse_manifest(data: bytes, url: str) -> dict[str, Any]:
+    import json
+
+    try:
+        manifest = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise InputUnusableError(f"{url}/manifest.json is not JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputUnusableError(f"{url}/manifest.json is not a {FORMAT!r} manifest")
+    if manifest.get("version") not in SUPPORTED_VERSIONS:
+        raise InputUnusableError(f"{url}/manifest.json has version {manifest.get('version')!r}; this dataengine "
+                                 f"reads versions {SUPPORTED_VERSIONS}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s and "num_samples" in s
+                                               for s in shards):
+        raise InputUnusableError(f"{url}/manifest.json: 'shards' must be a list of {{name, num_samples, ...}}")
+    total = sum(int(s["num_samples"]) for s in shards)
+    if manifest.get("num_samples", total) != total:
+        raise InputUnusableError(f"{url}/manifest.json: num_samples {manifest['num_samples']} differs from the "
+                                 f"sum over shards {total}")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------- streaming
+
+
+def register_fsspec_opener(storage_options: dict[str, Any] | None = None,
+                           protocols: Iterable[str] = FSSPEC_PROTOCOLS) -> None:
+    """Make webdataset open ``protocol://`` shard URLs with fsspec, using ``storage_options``.
+
+    Call it in every process that streams (DataLoader workers started with ``spawn`` do not inherit it).
+    """
+    import webdataset
+
+    for protocol in protocols:
+        _STORAGE_OPTIONS[protocol] = dict(storage_options or {})
+        webdataset.gopen_schemes[protocol] = _gopen_fsspec
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+    """webdataset opener: a sequential-read fsspec file (no subprocess)."""
+    from fsspec.core import url_to_fs
+
+    protocol = url.split("://", 1)[0]
+    fs, path = url_to_fs(url, **_STORAGE_OPTIONS.get(protocol, {}))
+    # Read-ahead suits tarfile's sequential stream reads; large blocks keep the request count low.
+    return fs.open(path, mode, block_size=8 << 20, cache_type="readahead")
+
+
+# Errors that mean "the shard's bytes are bad": a truncated or corrupt tar, a duplicate member name.
+DATA_ERRORS = (tarfile.TarError, EOFError, ValueError)
+
+
+class StreamErrors:
+    """The one handler for per-sample problems met while streaming shards (webdataset handler shape).
+
+    Data errors (:data:`DATA_ERRORS`: a corrupt or truncated tar, a duplicate member name) are recorded and
+    the stream continues. Anything else (``OSError``: missing shard, network failure; or a bug) is re-raised:
+    the run should stop and be resumed rather than mark rows invalid for good because of it.
+
+    Attributes:
+        errors: the recorded messages, in order.
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        if not isinstance(exn, DATA_ERRORS):
+            raise exn
+        message = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+        logger.warning("shard stream: %s", message)
+        self.errors.append(message)
+        return True
+
+
+def sample_stream(urls: list[str], handler: Callable[[Exception], bool] | None = None) -> Iterator[dict[str, Any]]:
+    """Stream the samples of ``urls`` in order with webdataset (``{"__key__", "jpg", "json", ...}`` dicts).
+
+    Shards are opened with webdataset's ``gopen`` (remote URLs need :func:`register_fsspec_opener` first in
+    this process) and closed as soon as the stream moves past them or is dropped.
+    """
+    import functools
+
+    import webdataset as wds
+    from webdataset import tariterators
+
+    handler = handler or wds.reraise_exception
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        functools.partial(_closing_opener, handler=handler),
+        functools.partial(tariterators.tar_file_expander, handler=handler),
+        functools.partial(tariterators.group_by_keys, handler=handler),
+    )
+    return iter(pipeline)
+
+
+def _closing_opener(sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """webdataset's ``url_opener``, closing each stream once the next one is asked for (or on early exit)."""
+    from webdataset import tariterators
+
+    for source in tariterators.url_opener(sources, handler=handler):
+        try:
+            yield source
+        finally:
+            source["stream"].close()
+
+
+def split_evenly(count: int, world_size: int, rank: int) -> range:
+    """The contiguous share of ``range(count)`` owned by ``rank`` (sizes differ by at most one).
+
+    Used to split chunk-aligned row blocks (or shards) across ranks: the shares are disjoint and cover all.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))

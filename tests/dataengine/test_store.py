@@ -1,0 +1,139 @@
+"""The Zarr v3 feature store: layout, typed metadata, generic arrays for later stages, blocks, sharding."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import zarr
+
+from dataengine.errors import IncompleteOutputError, OutputExistsError
+from dataengine.store import (
+    CategoricalColumn,
+    RaggedColumn,
+    StoreLayout,
+    create_store,
+    inspect_existing,
+    open_store,
+    remove_partial_writes,
+    write_keys_and_metadata,
+)
+
+
+def _table() -> pa.Table:
+    return pa.table({
+        "key": pa.array(["10", "11", "12", "13", "14"]),
+        "user": pa.array(["u2", None, "u1", "u2", "é"]),
+        "device": pa.array([None] * 5, pa.string()),  # null everywhere: not written
+        "label": pa.array(["cat", "dog", "cat", None, "dog"]),
+        "tags": pa.array([["a", "b c"], [], None, ["b c"], ["z", "a", "a"]], pa.list_(pa.string())),
+        "lat": pa.array([1.5, None, -3.25, None, 0.0], pa.float64()),
+        "lon": pa.array([None] * 5, pa.float64()),
+    })
+
+
+def _new_store(path, num_rows=5, dim=3, chunk_rows=2, chunks_per_shard=1):
+    layout = StoreLayout(num_rows=num_rows, dim=dim, dtype="float16", chunk_rows=chunk_rows,
+                         chunks_per_shard=chunks_per_shard)
+    return create_store(str(path), None, layout, {"num_rows": num_rows}), layout
+
+
+def test_keys_and_typed_metadata_round_trip(tmp_path):
+    store, _ = _new_store(tmp_path / "s.zarr")
+    columns = write_keys_and_metadata(store, _table())
+    assert columns == {"user": "categorical", "label": "categorical", "tags": "ragged", "lat": "float"}
+    store.write_attrs("", {"metadata_columns": columns, "complete": True})
+    store = open_store(str(tmp_path / "s.zarr"))
+    assert list(store.keys[:]) == ["10", "11", "12", "13", "14"]
+    user = store.metadata("user")
+    assert isinstance(user, CategoricalColumn) and list(user.vocab) == ["u1", "u2", "é"]
+    assert user.codes.dtype == np.int32 and user.codes.tolist() == [1, -1, 0, 1, 2]
+    assert user.values() == ["u2", None, "u1", "u2", "é"]
+    assert store.metadata("label").values() == ["cat", "dog", "cat", None, "dog"]
+    tags = store.metadata("tags")
+    assert isinstance(tags, RaggedColumn) and tags.offsets.tolist() == [0, 2, 2, 2, 3, 6]
+    assert tags.lists() == [["a", "b c"], [], [], ["b c"], ["z", "a", "a"]] and tags.row(4) == ["z", "a", "a"]
+    lat = store.metadata("lat")
+    assert lat.dtype == np.float64 and np.isnan(lat[[1, 3]]).all() and lat[[0, 2, 4]].tolist() == [1.5, -3.25, 0.0]
+    with pytest.raises(KeyError, match="device"):
+        store.metadata("device")
+
+
+def test_generic_arrays_and_attributes_for_later_stages(tmp_path):
+    store, _ = _new_store(tmp_path / "s.zarr")
+    assignments = np.arange(5, dtype=np.int64) % 2
+    store.write_array("clusterings/k2/assignments", assignments, attrs={"k": 2})
+    store.write_array("clusterings/k2/centroids", np.ones((2, 3), np.float32), chunks=(1, 3))
+    store.write_array("clusterings/k2/names", np.array(["a", "b"], dtype=object))
+    store.write_attrs("clusterings/k2", {"method": "kmeans", "levels": [2]})
+    assert store.has("clusterings/k2/assignments") and not store.has("clusterings/k3")
+    np.testing.assert_array_equal(store.read_array("clusterings/k2/assignments"), assignments)
+    assert store.read_array("clusterings/k2/centroids").shape == (2, 3)
+    assert list(store.read_array("clusterings/k2/names")) == ["a", "b"]
+    assert store.read_attrs("clusterings/k2") == {"method": "kmeans", "levels": [2]}
+    assert store.read_attrs("clusterings/k2/assignments") == {"k": 2}
+    store.write_array("clusterings/k2/assignments", np.zeros(5, np.int32))  # replaced, new dtype
+    assert store.read_array("clusterings/k2/assignments").dtype == np.int32
+    # Plain zarr sees the same hierarchy.
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert group["clusterings/k2/centroids"].chunks == (1, 3)
+
+
+def test_blocks_records_and_zarr_only_reading(tmp_path):
+    store, layout = _new_store(tmp_path / "s.zarr", num_rows=5, chunk_rows=2)
+    assert layout.num_blocks == 3 and layout.block_rows(2) == (4, 5)
+    assert store.block_records() == [None, None, None]
+    store.write_block(2, 4, np.full((1, 3), 7, np.float16), np.array([True]), {"rows": [4, 5], "invalid": []})
+    store.write_block(0, 0, np.ones((2, 3), np.float16), np.array([True, False]),
+                      {"rows": [0, 2], "invalid": [{"row": 1}]})
+    assert store.block_records() == [{"rows": [0, 2], "invalid": [{"row": 1}]}, None,
+                                     {"rows": [4, 5], "invalid": []}]
+    with pytest.raises(IncompleteOutputError, match="not complete"):
+        open_store(str(tmp_path / "s.zarr"))
+    partial = open_store(str(tmp_path / "s.zarr"), allow_incomplete=True)
+    assert partial.num_rows == 5 and partial.dim == 3 and partial.valid.tolist() == [True, False, False, False, True]
+    features = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["features"]
+    assert features.dtype == np.float16 and features.chunks == (2, 3)
+    np.testing.assert_array_equal(features[:], [[1] * 3, [1] * 3, [0] * 3, [0] * 3, [7] * 3])
+
+
+def test_sharding_codec_packs_chunks_into_one_object_per_block(tmp_path):
+    store, layout = _new_store(tmp_path / "s.zarr", num_rows=10, dim=4, chunk_rows=2, chunks_per_shard=3)
+    assert layout.rows_per_block == 6 and layout.num_blocks == 2
+    data = np.arange(40, dtype=np.float16).reshape(10, 4)
+    for block in range(layout.num_blocks):
+        start, end = layout.block_rows(block)
+        store.write_block(block, start, data[start:end], np.ones(end - start, bool), {})
+    chunk_files = os.listdir(tmp_path / "s.zarr" / "features" / "c")
+    assert sorted(chunk_files) == ["0", "1"]  # one object per block, not one per chunk
+    features = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["features"]
+    assert features.chunks == (2, 4) and features.shards == (6, 4)
+    np.testing.assert_array_equal(features[:], data)
+
+
+def test_existing_outputs_and_partial_writes(tmp_path):
+    assert inspect_existing(str(tmp_path / "absent")) is None
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not a feature store"):
+        inspect_existing(str(tmp_path / "foreign"))
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["format"] = "something"
+    with pytest.raises(OutputExistsError):
+        inspect_existing(str(tmp_path / "other.zarr"))
+    _new_store(tmp_path / "s.zarr")
+    assert inspect_existing(str(tmp_path / "s.zarr"))["state"] == "initializing"
+    leftover = tmp_path / "s.zarr" / "features" / "c" / f"0.{'ab' * 16}.partial"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a chunk")
+    assert remove_partial_writes(str(tmp_path / "s.zarr")) == 1 and not leftover.exists()
+
+
+def test_default_chunks_of_generic_arrays_are_megabytes():
+    from dataengine.store import _default_chunks
+
+    chunks = _default_chunks(np.zeros((1_000_000, 16), np.float32))
+    assert chunks[1] == 16 and math.isclose(chunks[0] * 16 * 4, 4 << 20, rel_tol=0.01)
+    assert _default_chunks(np.zeros((3, 2))) == (3, 2)
