@@ -45,6 +45,7 @@ def _configure(
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs its CPU-feature probing at INFO
 
 
 def emit_summary(summary: dict[str, Any], as_json: bool) -> None:

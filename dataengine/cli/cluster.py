@@ -1,0 +1,123 @@
+"""``dataengine cluster``, ``assign`` and ``neighbors``: clusterings stored with the features."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from dataengine.cli.app import app, console, emit_summary, fail, print_table, progress_bar
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--levels must be comma-separated integers like 4,256, got {text!r}") from None
+    return levels
+
+
+def _reducer():
+    """A torch.distributed reducer under torchrun (gloo on CPU, NCCL on GPU), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    from indexes.distributed import TorchReducer
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return TorchReducer()
+
+
+@app.command()
+def cluster(
+    store: str = typer.Argument(..., help="Feature store written by `dataengine embed`."),
+    name: str = typer.Option(..., "--name", help="Name of the clustering (clusterings/NAME in the store)."),
+    levels: str = typer.Option("4,256", "--levels", help="Clusters per level: m,k = m super-clusters x k."),
+    pca: Optional[int] = typer.Option(256, "--pca", help="Whitened dimension (0: keep the feature dimension)."),
+    niter: int = typer.Option(10, "--niter", help="Lloyd iterations per k-means."),
+    seed: int = typer.Option(0, "--seed", help="Seed of samples, initialisation and splits."),
+    sample_per_centroid: int = typer.Option(256, "--sample-per-centroid",
+                                            help="Train on at most k x P rows per k-means (0: every row)."),
+    balanced: bool = typer.Option(False, "--balanced", help="Children per parent proportional to its size."),
+    neighbor_index: bool = typer.Option(True, "--neighbor-index/--no-neighbor-index",
+                                        help="Also index all rows for `dataengine neighbors`."),
+    index_memory_gb: float = typer.Option(2.0, "--index-memory-gb", help="Memory budget of the neighbour index."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every core)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a clustering of the same name."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """PCA-whiten the features and run hierarchical k-means; store ids, centroids and indices."""
+    from dataengine.cluster import ClusterConfig, run_cluster
+    from dataengine.errors import DataEngineError
+    from dataengine.fs import parse_storage_options
+
+    try:
+        config = ClusterConfig(
+            store=store, name=name, levels=_levels(levels), pca_dim=pca or None, num_iterations=niter, seed=seed,
+            sample_per_centroid=sample_per_centroid or None, balanced=balanced, neighbor_index=neighbor_index,
+            index_memory_bytes=int(index_memory_gb * (1 << 30)), num_threads=threads, overwrite=overwrite,
+            storage_options=parse_storage_options(storage_options),
+        )
+        with progress_bar(f"cluster {name}") as update:
+            result = run_cluster(config, progress=update, reducer=_reducer())
+    except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
+        fail(str(exc))
+    rows = [[level, k, f"{obj:.4g}", splits]
+            for level, (k, obj, splits) in enumerate(zip(result.num_clusters, result.objective, result.empty_splits))]
+    print_table(f"clustering {name}: {result.num_rows} rows in {result.seconds:.1f} s",
+                ["level", "clusters", "objective", "empty splits"], rows)
+    emit_summary(result.to_dict(), as_json)
+
+
+@app.command()
+def assign(
+    store: str = typer.Argument(..., help="Feature store holding the clustering."),
+    name: str = typer.Option(..., "--name", help="Clustering to assign with."),
+    features: str = typer.Option(..., "--features", help="Another feature store whose rows get cluster ids."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """Assign the rows of another feature store to a saved clustering (written into that store)."""
+    import numpy as np
+
+    from dataengine.cluster import assign_store
+    from dataengine.errors import DataEngineError
+    from dataengine.fs import parse_storage_options
+
+    try:
+        sizes = assign_store(store, name, features, parse_storage_options(storage_options))
+    except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
+        fail(str(exc))
+    console.print(f"{features}: clusterings/{name} written; clusters used per level: "
+                  + ", ".join(str(int(np.count_nonzero(s))) for s in sizes))
+    emit_summary({"store": store, "name": name, "features": features,
+                  "num_rows": int(sizes[0].sum()), "num_clusters": [int(len(s)) for s in sizes]}, as_json)
+
+
+@app.command()
+def neighbors(
+    store: str = typer.Argument(..., help="Feature store holding the clustering."),
+    key: str = typer.Option(..., "--key", help="Key (photo id) of the query image."),
+    k: int = typer.Option(9, "-k", help="Number of neighbours (the image itself included)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Clustering whose index to use (default: latest)."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """The nearest images of a photo, with their clusters."""
+    from dataengine.cluster import neighbors_of_key
+    from dataengine.errors import DataEngineError
+    from dataengine.fs import parse_storage_options
+
+    try:
+        found = neighbors_of_key(store, key, k, name, parse_storage_options(storage_options))
+    except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
+        fail(str(exc))
+    print_table(f"{k} nearest images of {key} (clustering {found['name']})", ["key", "row", "distance", "cluster"],
+                [[n["key"], n["row"], n["distance"], n["cluster"]] for n in found["neighbors"]])
+    emit_summary(found, as_json)
