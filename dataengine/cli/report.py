@@ -1,0 +1,49 @@
+"""``dataengine report``: NMI of a clustering against the metadata, and a self-contained HTML report."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from dataengine.cli.app import app, console, emit_summary, fail, print_table, progress_bar
+
+
+@app.command()
+def report(
+    store: str = typer.Argument(..., help="Feature store (written by `dataengine embed`), local path or s3://."),
+    clustering: str = typer.Option(..., "--clustering", help="Clustering to report on (clusterings/NAME)."),
+    out: str = typer.Option(..., "--out", help="Output folder for index.html, report.json, plots and grids."),
+    compare: Optional[List[str]] = typer.Option(None, "--compare", help="Another clustering (repeatable): NMI "
+                                                "between them and along the sequence NAME, COMPARE..."),
+    level: Optional[int] = typer.Option(None, "--level", help="Level reported in detail (default: the finest)."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Ingest output with the photos (default: the "
+                                         "store's source)."),
+    thumbnails: bool = typer.Option(True, "--thumbnails/--no-thumbnails", help="Draw photo grids of selected "
+                                    "clusters."),
+    gps_cell_deg: float = typer.Option(1.0, "--gps-cell-deg", help="Side of the GPS grid cells in degrees."),
+    block_rows: int = typer.Option(1 << 20, "--block-rows", help="Rows read from the store at a time."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the chance levels and of the photos shown."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """Score a clustering against hashtags, users, GPS, devices and labels; write report.json and index.html."""
+    from dataengine.errors import DataEngineError
+    from dataengine.fs import parse_storage_options
+    from dataengine.report import ReportConfig, run_report
+
+    try:
+        config = ReportConfig(store=store, clustering=clustering, out=out, compare=tuple(compare or ()), level=level,
+                              shards=shards, thumbnails=thumbnails, gps_cell_deg=gps_cell_deg, block_rows=block_rows,
+                              seed=seed, storage_options=parse_storage_options(storage_options))
+        with progress_bar("report rows") as update:
+            result = run_report(config, progress=update)
+    except (ValueError, KeyError, DataEngineError, FileNotFoundError) as exc:
+        fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+    rows = [[kind, r.nmi, r.chance_nmi, r.coverage] for kind, r in result.nmi.items()]
+    print_table(f"{result.clustering} level {result.level}: {result.num_clusters} clusters, {result.num_rows} rows",
+                ["metric", "NMI", "chance NMI", "coverage"], rows)
+    if result.thumbnail_failures:
+        console.print(f"[yellow]{len(result.thumbnail_failures)} photos could not be shown (see report.json)")
+    console.print(f"report: {result.html}")
+    emit_summary(result.summary(), as_json)
