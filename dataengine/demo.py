@@ -52,9 +52,22 @@ def _stage(result: DemoResult, name: str, fn: Callable[[], dict[str, Any]]) -> N
     logger.info("demo: %s done in %.1f s", name, summary["seconds"])
 
 
+# Stages of packages built on dataengine (the trainer registers "train"): called with the ingest folder and
+# an output folder, they return a summary. A registry, so that the data plane never imports the trainer.
+EXTRA_STAGES: dict[str, Callable[[str, str], dict[str, Any]]] = {}
+
+
+def register_stage(name: str, stage: Callable[[str, str], dict[str, Any]]) -> None:
+    """Add a stage that runs after the report in ``dataengine demo``."""
+    EXTRA_STAGES[name] = stage
+
+
 def run_demo(config: DemoConfig) -> DemoResult:
-    """Run synth -> ingest on the synthetic corpus (later stages join as they exist)."""
+    """Run synth -> ingest -> embed -> cluster -> report, then the registered stages (train)."""
+    from dataengine.cluster import ClusterConfig, run_cluster
+    from dataengine.embed import EmbedConfig, run_embed
     from dataengine.ingest import IngestConfig, run_ingest
+    from dataengine.report import ReportConfig, run_report
     from dataengine.synth import SynthConfig, generate_corpus
 
     start = time.perf_counter()
@@ -73,7 +86,30 @@ def run_demo(config: DemoConfig) -> DemoResult:
         return {"path": shards, "shards": ingested.num_shards, "samples": ingested.num_samples,
                 "counts": ingested.counts}
 
+    store = os.path.join(result.out, "features.zarr")
+
+    def embed() -> dict[str, Any]:
+        embedded = run_embed(EmbedConfig(shards=shards, out=store, model="small", image_size=32, workers=1,
+                                         seed=config.seed))
+        return {"path": store, "rows": embedded.num_rows, "dim": embedded.dim, "model": "small (random init)"}
+
+    def cluster() -> dict[str, Any]:
+        clustered = run_cluster(ClusterConfig(store=store, name="demo", levels=(4, 8), pca_dim=32,
+                                              seed=config.seed, overwrite=True))
+        return {"path": f"{store}/clusterings/demo", "clusters": clustered.num_clusters,
+                "objective": clustered.objective, "empty_splits": clustered.empty_splits}
+
+    def report() -> dict[str, Any]:
+        reported = run_report(ReportConfig(store=store, clustering="demo", out=os.path.join(result.out, "report"),
+                                           shards=shards, seed=config.seed))
+        return {"path": reported.html, "nmi": {kind: round(r.nmi, 4) for kind, r in reported.nmi.items()}}
+
     _stage(result, "synth", synth)
     _stage(result, "ingest", ingest)
+    _stage(result, "embed", embed)
+    _stage(result, "cluster", cluster)
+    _stage(result, "report", report)
+    for name, stage in EXTRA_STAGES.items():
+        _stage(result, name, lambda stage=stage, name=name: stage(shards, os.path.join(result.out, name)))
     result.seconds = round(time.perf_counter() - start, 2)
     return result

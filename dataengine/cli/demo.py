@@ -31,4 +31,6 @@ def demo(
         fail(str(exc))
     rows = [[name, f"{s['seconds']:.1f}", s.get("path", "")] for name, s in result.stages.items()]
     print_table(f"demo finished in {result.seconds:.1f} s", ["stage", "seconds", "output"], rows)
+    if "report" in result.stages:
+        console.print(f"report: {result.stages['report']['path']}")
     emit_summary({"out": result.out, "stages": result.stages, "seconds": result.seconds}, as_json)

@@ -1,0 +1,127 @@
+"""The training loop on a tiny synthetic ingest: every mode, metrics, checkpoints, SIGKILL resume, 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dataengine.ingest import IngestConfig, run_ingest
+from dataengine.synth import SynthConfig, generate_corpus
+from trainer.loop import TrainConfig, run_train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("train")
+    generate_corpus(str(root / "corpus"), SynthConfig(num_images=160, seed=2, anomalies=False,
+                                                      min_image_size=40, max_image_size=48))
+    run_ingest(IngestConfig(yfcc=str(root / "corpus" / "metadata.tsv"), images=str(root / "corpus" / "images"),
+                            out=str(root / "ingest"), shard_size=40, workers=0))
+    return str(root / "ingest")
+
+
+def _config(shards: str, out, **kwargs) -> TrainConfig:
+    values = dict(shards=shards, out=str(out), mode="deepercluster", arch="small", image_size=32, epochs=2,
+                  reassign_every=1, levels=(2, 3), pca_dim=16, kmeans_iterations=3, batch_size=16, workers=0,
+                  buffer_size=64, num_threads=1, checkpoint_every=3)
+    values.update(kwargs)
+    return TrainConfig(**values)
+
+
+def test_deepercluster_logs_metrics_and_writes_an_embeddable_checkpoint(shards, tmp_path):
+    result = run_train(_config(shards, tmp_path / "run"))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1] and result.epochs == 2
+    for key in ("loss", "loss_super", "loss_sub", "rotation_acc", "cluster_acc", "samples_per_second"):
+        assert key in lines[0]
+    assert set(lines[0]["clustering"]["nmi"]) >= {"user", "device", "gps", "hashtag"}
+    assert "nmi_previous" in lines[1]["clustering"]
+    state = torch.load(result.checkpoint, weights_only=True)
+    assert state["arch"] == "small" and state["sobel"] is True and state["epoch"] == 2
+    from dataengine.models import load_checkpoint
+
+    load_checkpoint(result.checkpoint)  # what `dataengine embed --checkpoint RUN` reads
+
+
+@pytest.mark.parametrize("mode, levels", [("rotnet", (2, 3)), ("deepcluster", (5,)), ("clusterfit", (5,))])
+def test_other_modes_train(shards, tmp_path, mode, levels):
+    init = None
+    if mode == "clusterfit":
+        init = run_train(_config(shards, tmp_path / "rot", mode="rotnet", epochs=1)).checkpoint
+    result = run_train(_config(shards, tmp_path / mode, mode=mode, levels=levels, epochs=1, features_from=init))
+    record = json.loads((tmp_path / mode / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result.steps > 0 and record["steps"] > 0
+    assert ("rotation_acc" in record) == (mode == "rotnet") and ("clustering" in record) == (mode != "rotnet")
+
+
+def test_bad_configs_are_refused(shards, tmp_path):
+    with pytest.raises(ValueError, match="two levels"):
+        _config(shards, tmp_path, levels=(4,))
+    with pytest.raises(ValueError, match="features-from"):
+        _config(shards, tmp_path, mode="clusterfit", levels=(4,))
+
+
+def _train_cmd(shards: str, out) -> list[str]:
+    return [sys.executable, "-m", "dataengine.cli", "--quiet", "train", shards, "--out", str(out), "--arch", "small",
+            "--image-size", "32", "--epochs", "2", "--reassign-every", "1", "--levels", "2,3", "--pca", "16",
+            "--batch-size", "16", "--workers", "1", "--checkpoint-every", "2", "--threads", "1", "--json"]
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=True)
+    return {**state["backbone"], **{f"head.{k}": v for k, v in state["head"].items()}}
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(shards, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(_train_cmd(shards, tmp_path / "ref"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(shards, tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["total_steps"] >= 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] < 2, "the kill should land before the run ends"
+    subprocess.run(_train_cmd(shards, tmp_path / "cut"), check=True, env=env, capture_output=True)
+    reference, resumed = _weights(tmp_path / "ref" / "checkpoint.pt"), _weights(checkpoint)
+    assert reference.keys() == resumed.keys()
+    for name in reference:
+        assert torch.equal(reference[name], resumed[name]), name
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, config: TrainConfig) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        run_train(config)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_train_in_step(shards, tmp_path):
+    config = _config(shards, tmp_path / "ddp", epochs=1)
+    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), config), nprocs=2, join=True)
+    record = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["steps"] > 0 and "clustering" in record
+    assert torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["epoch"] == 1

@@ -1,0 +1,149 @@
+"""``dataengine train`` and ``dataengine eval``: registered on the dataengine CLI as a plugin.
+
+Loaded through the ``dataengine.commands`` entry point (see pyproject.toml), so the data plane never imports
+the trainer. Heavy imports stay inside the commands.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from dataengine.cli.app import app
+from dataengine.demo import register_stage
+
+
+def _demo_training(shards: str, out: str) -> dict:
+    from trainer.demo import demo_training
+
+    return demo_training(shards, out)
+
+
+register_stage("train", _demo_training)
+
+
+@app.command()
+def train(
+    shards: str = typer.Argument(..., help="Ingest output to train on (local or s3://)."),
+    out: str = typer.Option(..., "--out", help="Run folder (checkpoint.pt, metrics.jsonl, features/)."),
+    mode: str = typer.Option("deepercluster", "--mode", help="deepercluster, deepcluster, rotnet or clusterfit."),
+    arch: str = typer.Option("small", "--arch", help="small, vgg16_bn, resnet18 or resnet50."),
+    sobel: bool = typer.Option(True, "--sobel/--no-sobel", help="Fixed grayscale + Sobel input layer."),
+    image_size: int = typer.Option(224, "--image-size", help="Training crop and embedding crop size."),
+    epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
+    reassign_every: int = typer.Option(3, "--reassign-every", help="Re-cluster every T epochs."),
+    levels: str = typer.Option("4,64", "--levels", help="m,k (deepercluster) or k (deepcluster, clusterfit)."),
+    pca: int = typer.Option(64, "--pca", help="Whitened dimension of the clusterings."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Samples per step and rank."),
+    lr: float = typer.Option(0.05, "--lr", help="SGD learning rate (constant)."),
+    weight_decay: float = typer.Option(1e-5, "--weight-decay", help="SGD weight decay."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout before the heads."),
+    workers: int = typer.Option(1, "--workers", help="DataLoader workers per rank."),
+    balanced: bool = typer.Option(True, "--balanced/--no-balanced", help="Cluster-balanced sampling."),
+    samples_per_epoch: Optional[int] = typer.Option(None, "--samples-per-epoch",
+                                                    help="Samples per epoch with balancing (default: all)."),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),
+    init: Optional[str] = typer.Option(None, "--init", help="Checkpoint to initialise the backbone from."),
+    features_from: Optional[str] = typer.Option(None, "--features-from", help="ClusterFit: network to cluster."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop after this many seconds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of everything random."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every core)."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """Train DeeperCluster (or DeepCluster, RotNet, ClusterFit) on streamed shards, resumably."""
+    import os
+
+    from dataengine.cli.app import emit_summary, fail, print_table, progress_bar
+    from dataengine.errors import DataEngineError
+    from dataengine.fs import parse_storage_options
+    from trainer.loop import TrainConfig, run_train
+
+    try:
+        _init_distributed()
+        config = TrainConfig(
+            shards=shards, out=out, mode=mode, arch=arch, sobel=sobel, image_size=image_size, epochs=epochs,
+            reassign_every=reassign_every, levels=tuple(int(v) for v in levels.split(",")), pca_dim=pca,
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout, workers=workers,
+            balanced_sampling=balanced, samples_per_epoch=samples_per_epoch, checkpoint_every=checkpoint_every,
+            init=init, features_from=features_from,
+            time_budget=time_budget, seed=seed, num_threads=threads,
+            storage_options=parse_storage_options(storage_options),
+        )
+        with progress_bar(f"train {mode}") as update:
+            result = run_train(config, progress=update)
+    except (ValueError, FileNotFoundError, DataEngineError) as exc:
+        fail(str(exc))
+    rows = [[m["epoch"], f"{m.get('loss', float('nan')):.3f}", f"{m.get('samples_per_second', 0):.0f}",
+             m.get("clustering", {}).get("nmi_previous", "")] for m in result.metrics]
+    print_table(f"train {mode}: {result.epochs} epochs, {result.steps} steps in {result.seconds:.1f} s",
+                ["epoch", "loss", "samples/s", "NMI t-1/t"], rows)
+    emit_summary(dict(result.to_dict(), metrics=os.path.join(out, "metrics.jsonl")), as_json)
+
+
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+@app.command("eval")
+def evaluate(
+    train: str = typer.Option(..., "--train", help="Labelled ingest output (class folders) to fit on."),
+    test: str = typer.Option(..., "--test", help="Labelled ingest output to measure top-1 on."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Trainer checkpoint file or run folder."),
+    random: bool = typer.Option(False, "--random", help="Evaluate a randomly initialised network (seeded)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="small, vgg16_bn, resnet18 or resnet50 (default: "
+                                       "the checkpoint's, or small with --random)."),
+    sobel: bool = typer.Option(False, "--sobel", help="With --random: fixed grayscale + Sobel input layer."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Feature layer (default: the penultimate)."),
+    image_size: int = typer.Option(224, "--image-size", help="Center-crop side fed to the network."),
+    resize_size: Optional[int] = typer.Option(None, "--resize-size", help="Shorter side before the crop "
+                                              "(default: image-size up to 64, else image-size * 256/224)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Keep the feature stores and eval.json here "
+                                      "(default: a temporary folder)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward (default: automatic)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (default min(4, cores))."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+    weight_decay: float = typer.Option(5e-3, "--weight-decay", help="L2 penalty of the linear probe."),
+    probe_iterations: int = typer.Option(300, "--probe-iterations", help="Linear probe L-BFGS iterations at most."),
+    knn_k: int = typer.Option(20, "--knn-k", help="Neighbours voting in the k-NN classifier."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace feature stores of another model in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """Linear-probe and k-NN top-1 of a checkpoint's (or a random network's) frozen features."""
+    import os
+
+    from dataengine.cli.app import console, emit_summary, fail, progress_bar
+    from dataengine.errors import DataEngineError
+    from dataengine.fs import parse_storage_options
+    from dataengine.models import WeightsMismatchError
+    from trainer.evaluation import EvalConfig, run_eval
+
+    try:
+        config = EvalConfig(
+            train=train, test=test, checkpoint=checkpoint, random=random, arch=arch, sobel=sobel, layer=layer,
+            image_size=image_size, resize_size=resize_size, out=out, batch_size=batch_size,
+            workers=min(4, os.cpu_count() or 1) if workers is None else workers, seed=seed,
+            weight_decay=weight_decay, probe_iterations=probe_iterations, knn_k=knn_k, device=device,
+            num_threads=threads,
+            storage_options=parse_storage_options(storage_options), overwrite=overwrite,
+        )
+        with progress_bar("eval: embed rows") as update:
+            result = run_eval(config, progress=lambda rows: update(rows))
+    except (ValueError, FileNotFoundError, DataEngineError, MemoryError, WeightsMismatchError) as exc:
+        fail(str(exc))
+    console.print(f"linear top-1 {result.linear_top1:.4f}, k-NN top-1 {result.knn_top1:.4f} ({result.num_train} "
+                  f"train, {result.num_test} test rows, {result.num_classes} classes, {result.feature_dim}-d "
+                  f"{result.model['arch']} features) in {result.seconds:.1f} s")
+    emit_summary(result.to_dict(), as_json)
