@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 
 import pytest
@@ -53,3 +54,11 @@ def shared_data():
         return path
 
     return get
+
+
+@pytest.fixture()
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a torch.distributed rendezvous (gloo, 2 local processes)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

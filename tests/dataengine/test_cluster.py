@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -89,11 +88,6 @@ def test_assign_another_store(store_url, tmp_path):
     assert [len(s) for s in sizes] == [3, 12] and int(sizes[0].sum()) == open_store(other).num_rows
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _rank_main(rank: int, world_size: int, port: int, config: ClusterConfig) -> None:
     import torch.distributed as dist
@@ -108,10 +102,10 @@ def _rank_main(rank: int, world_size: int, port: int, config: ClusterConfig) -> 
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_give_the_single_process_clustering(store_url):
+def test_two_gloo_ranks_give_the_single_process_clustering(store_url, free_port):
     run_cluster(_config(store_url, "single", overwrite=True, neighbor_index=False))
     config = _config(store_url, "dist", overwrite=True, neighbor_index=False)
-    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), config), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_rank_main, args=(2, free_port, config), nprocs=2, join=True)
     store = open_store(store_url)
     for level in range(2):
         assert np.array_equal(store.read_array(f"clusterings/single/level{level}"),

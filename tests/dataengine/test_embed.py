@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -188,11 +187,6 @@ def test_resume_after_sigkill_gives_the_store_of_an_uninterrupted_run(ingested, 
 # ------------------------------------------------------------------------------------------ distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _rank_main(rank: int, world_size: int, port: int, config: EmbedConfig, results: str) -> None:
     import torch.distributed as dist
@@ -206,13 +200,13 @@ def _rank_main(rank: int, world_size: int, port: int, config: EmbedConfig, resul
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_write_the_same_store_as_one_process(ingested, tmp_path):
+def test_two_gloo_ranks_write_the_same_store_as_one_process(ingested, tmp_path, free_port):
     import torch.multiprocessing as mp
 
     single = EmbedConfig(shards=ingested, out=str(tmp_path / "one.zarr"), **SMALL)
     run_embed(single)
     double = EmbedConfig(shards=ingested, out=str(tmp_path / "two.zarr"), **SMALL)
-    mp.spawn(_rank_main, args=(2, _free_port(), double, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port, double, str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["complete"] and r["world_size"] == 2 for r in results)
     blocks = [r["computed_blocks"] for r in results]

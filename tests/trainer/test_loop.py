@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -102,11 +101,6 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(shards, tmp_path)
         assert torch.equal(reference[name], resumed[name]), name
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _rank_main(rank: int, world_size: int, port: int, config: TrainConfig) -> None:
     import torch.distributed as dist
@@ -119,9 +113,9 @@ def _rank_main(rank: int, world_size: int, port: int, config: TrainConfig) -> No
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_train_in_step(shards, tmp_path):
+def test_two_gloo_ranks_train_in_step(shards, tmp_path, free_port):
     config = _config(shards, tmp_path / "ddp", epochs=1)
-    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), config), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_rank_main, args=(2, free_port, config), nprocs=2, join=True)
     record = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["steps"] > 0 and "clustering" in record
     assert torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["epoch"] == 1
