@@ -331,7 +331,23 @@ class Trainer:
         self.previous, self.labels = self.labels, self._labels_of(name)
         self.network.head = _new_head(self.config, self.network.feature_dim, self.labels, epoch)
         self.optimizer = self._optimizer()
-        return self._clustering_metrics(store, name)
+        metrics = self._clustering_metrics(store, name)
+        self._drop_old_stores()
+        return metrics
+
+    def _drop_old_stores(self) -> None:
+        """Keep the feature stores of the current and the previous clustering only (N x d floats each)."""
+        import shutil
+
+        keep = {labels.name for labels in (self.labels, self.previous) if labels is not None}
+        folder = os.path.join(self.config.out, "features")
+        if self.rank == 0:
+            for name in sorted(os.listdir(folder)):
+                if name not in keep:
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+                    backbone = os.path.join(self.config.out, f"backbone-{name}.pt")
+                    if os.path.exists(backbone):
+                        os.remove(backbone)
 
     def _clustering_metrics(self, store_url: str, name: str) -> dict[str, Any]:
         from trainer.monitor import clustering_nmi
