@@ -231,6 +231,7 @@ class Trainer:
         self.epoch, self.step, self.total_steps = 0, 0, 0
         self.metrics: list[dict[str, Any]] = []
         self.elapsed_before = 0.0  # seconds spent by earlier sessions of this run (resume)
+        self.recluster_seconds = 0.0  # duration of the last re-clustering
         self.session_start = time.perf_counter()
         self.crop = CropConfig(size=config.image_size, scale=tuple(config.crop_scale))
 
@@ -426,6 +427,13 @@ class Trainer:
         """Seconds this run has taken so far, over all its sessions."""
         return self.elapsed_before + time.perf_counter() - self.session_start
 
+    def _time_to_recluster(self) -> bool:
+        """False when a time budget would run out during this re-clustering: train on with the labels in hand
+        rather than spend the rest of the budget on a clustering no step would use."""
+        if self.labels is None or self.config.time_budget is None:
+            return True
+        return self.elapsed + self.recluster_seconds < self.config.time_budget
+
     def _out_of_time(self) -> bool:
         return self.config.time_budget is not None and self.elapsed >= self.config.time_budget
 
@@ -435,8 +443,10 @@ class Trainer:
         self._resume()
         while self.epoch < self.config.epochs and not self._out_of_time():
             record: dict[str, Any] = {"epoch": self.epoch}
-            if self.step == 0 and self._needs_clustering(self.epoch):
+            if self.step == 0 and self._needs_clustering(self.epoch) and self._time_to_recluster():
+                started = time.perf_counter()
                 record["clustering"] = self.recluster(self.epoch)
+                self.recluster_seconds = time.perf_counter() - started
             record.update(self.train_epoch(self.epoch))
             if self.labels is not None:
                 record["clustering_name"] = self.labels.name
