@@ -28,12 +28,7 @@ from dataengine.store import open_store
 SMALL = dict(model="small", image_size=32, resize_size=36, batch_size=4, chunk_rows=8, workers=0, num_threads=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

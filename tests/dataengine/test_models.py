@@ -10,12 +10,7 @@ from dataengine import models
 from dataengine.models import FeatureExtractor, WeightsMismatchError, build_backbone
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -13,12 +13,7 @@ from dataengine.models import IMAGENET_MEAN, IMAGENET_STD
 from trainer.augment import CropConfig, TrainAugment, center_crop, normalize, random_resized_crop_flip, sample_crop
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _image(height: int = 40, width: int = 60, dtype=torch.uint8) -> torch.Tensor:

@@ -31,12 +31,7 @@ TIMINGS = ("seconds", "embed_seconds", "linear_seconds", "knn_seconds", "out")
 FAST = dict(arch="small", image_size=32, workers=0, num_threads=1, batch_size=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_split(root, classes, per_class: int, seed: int) -> None:

@@ -20,12 +20,7 @@ from trainer.losses import (
 SUB_COUNTS = [3, 1, 7, 2, 5, 5, 4, 6]  # uneven on purpose: the padded strategies must mask correctly
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(counts: list[int], batch: int, dim: int, seed: int = 0):

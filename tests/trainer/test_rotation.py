@@ -8,12 +8,7 @@ import torch
 from trainer.rotation import random_rotations, rotate_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(batch: int = 12, size: int = 5, dtype=torch.uint8) -> torch.Tensor:
