@@ -146,18 +146,23 @@ def _embed_cmd(shards, out):
             "--threads", "1", "--workers", "1", "--json"]
 
 
+def _records(progress) -> int:
+    """Finished block records (a kill mid-write can leave zarr's ``*.partial`` temporary beside them)."""
+    return len([n for n in os.listdir(progress) if not n.endswith(".partial")]) if progress.exists() else 0
+
+
 def _kill_after_blocks(shards: str, out, blocks: int) -> int:
     """Start `dataengine embed`, SIGKILL it once ``blocks`` block records exist; returns the records then."""
     proc = subprocess.Popen(_embed_cmd(shards, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / "progress" / "c"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if progress.exists() and len(os.listdir(progress)) >= blocks:
+        if _records(progress) >= blocks:
             break
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return len(os.listdir(progress)) if progress.exists() else 0
+    return _records(progress)
 
 
 def test_resume_after_sigkill_gives_the_store_of_an_uninterrupted_run(ingested, tmp_path):
