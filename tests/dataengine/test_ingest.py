@@ -336,7 +336,7 @@ def test_synth_corpus_round_trips_through_ingest(tmp_path):
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_header_scan_matches_tarfile(tmp_path, fmt):
-    from dataengine.sources import scan_tar
+    from dataengine.tario import iter_members, scan_tar
 
     path = tmp_path / "t.tar"
     with tarfile.open(path, "w", format=fmt) as archive:
@@ -349,4 +349,7 @@ def test_tar_header_scan_matches_tarfile(tmp_path, fmt):
             archive.addfile(info, io.BytesIO(data))
     with tarfile.open(path) as archive:
         expected = [(m.name, m.offset_data, m.size) for m in archive if m.isfile()]
+        contents = [(m.name, archive.extractfile(m).read()) for m in archive if m.isfile()]
     assert list(scan_tar(str(path))) == expected and expected
+    with open(path, "rb") as handle:
+        assert list(iter_members(handle)) == contents

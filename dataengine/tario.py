@@ -1,0 +1,117 @@
+"""Minimal, fast tar reading: member headers parsed directly (ustar, GNU long names, pax paths).
+
+``tarfile`` spends tens of microseconds per member in Python header parsing; for webdataset shards of small
+images (two members per sample) that was most of the per-sample cost of streaming (158 us of the trainer's
+per-sample budget on 32-pixel CIFAR shards). The two readers here parse only what a shard reader needs:
+
+- :func:`scan_tar`: ``(name, data offset, size)`` of a local tar's files, reading the headers only (ingest
+  reads member bytes by offset in its workers);
+- :func:`iter_members`: ``(name, bytes)`` of any sequential byte stream (local file, fsspec/S3 file), front
+  to back, without seeking, so it works on object storage.
+
+Both verify header checksums and raise :class:`tarfile.ReadError` on a corrupt header and on a stream that
+ends inside a member, the errors :mod:`tarfile` itself raises, so callers keep one error vocabulary.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from typing import IO
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+_EXTENDED = (b"L", b"x")
+_ZERO_BLOCK = b"\0" * BLOCK
+
+
+def _number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise tarfile.ReadError(f"invalid number field {field!r} in a tar header") from None
+
+
+def _check(header: bytes) -> None:
+    stored = _number(header[148:156])
+    # The checksum is the byte sum of the header with its own field read as eight spaces.
+    if stored != sum(header) - sum(header[148:156]) + 8 * 32:
+        raise tarfile.ReadError("bad checksum in a tar header (corrupt or not a tar)")
+
+
+def _extended_name(data: bytes, kind: bytes) -> str | None:
+    if kind == b"L":
+        return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+    for record in data.split(b"\n"):  # pax: "<len> key=value"
+        _, _, keyvalue = record.partition(b" ")
+        if keyvalue.startswith(b"path="):
+            return keyvalue[5:].decode("utf-8", "replace")
+    return None
+
+
+def _name(header: bytes, long_name: str | None) -> str:
+    if long_name:
+        return long_name
+    name = header[0:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+
+
+def _read_exact(stream: IO[bytes], size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise tarfile.ReadError(f"unexpected end of tar data ({len(data)} of {size} bytes)")
+    return data
+
+
+def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of every regular file of the tar read sequentially from ``stream``.
+
+    Stops at the end-of-archive block (or a clean end of the stream between members). Directories, links
+    and other member kinds are skipped.
+    """
+    long_name: str | None = None
+    while True:
+        header = stream.read(BLOCK)
+        if not header or header == _ZERO_BLOCK:
+            return
+        if len(header) < BLOCK:
+            raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
+        _check(header)
+        size = _number(header[124:136])
+        kind = header[156:157]
+        padded = size + (-size % BLOCK)
+        if kind in _EXTENDED:
+            long_name = _extended_name(_read_exact(stream, padded)[:size], kind) or long_name
+            continue
+        data = _read_exact(stream, padded)
+        if kind in _REGULAR:
+            yield _name(header, long_name), data[:size] if padded != size else data
+        long_name = None
+
+
+def scan_tar(path: str) -> Iterator[tuple[str, int, int]]:
+    """``(name, data offset, size)`` of the regular files of a local tar, reading only the headers."""
+    long_name: str | None = None
+    with open(path, "rb") as handle:
+        while True:
+            header = handle.read(BLOCK)
+            if not header or header == _ZERO_BLOCK:
+                return
+            if len(header) < BLOCK:
+                raise tarfile.ReadError(f"{path}: truncated tar header")
+            _check(header)
+            size = _number(header[124:136])
+            data_offset = handle.tell()
+            kind = header[156:157]
+            if kind in _EXTENDED:
+                long_name = _extended_name(handle.read(size), kind) or long_name
+            elif kind in _REGULAR:
+                yield _name(header, long_name), data_offset, size
+                long_name = None
+            else:
+                long_name = None
+            handle.seek(data_offset + size + (-size % BLOCK))
