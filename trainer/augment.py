@@ -59,20 +59,32 @@ class CropConfig:
             raise ValueError(f"flip_probability={self.flip_probability} must be in [0, 1]")
 
 
+CROP_DRAWS = 4 * _CROP_TRIES + 1
+"""Uniform draws one crop + flip consumes: (scale, ratio, top, left) per try, then the flip."""
+
+
 def sample_crop(height: int, width: int, config: CropConfig, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """Draw a crop box ``(top, left, crop_height, crop_width)`` inside a ``height x width`` image."""
+    return crop_box(height, width, config, rng.random(CROP_DRAWS))
+
+
+def crop_box(height: int, width: int, config: CropConfig, uniforms: np.ndarray) -> tuple[int, int, int, int]:
+    """The crop box that ``uniforms`` (:data:`CROP_DRAWS` draws in ``[0, 1)``) select in a ``height x width``
+    image: a fixed number of draws per image, so that draws for many images can be made in one call."""
     if height < 1 or width < 1:
         raise ValueError(f"cannot crop an empty {height}x{width} image")
     area = height * width
-    log_ratio = (math.log(config.ratio[0]), math.log(config.ratio[1]))
-    for _ in range(_CROP_TRIES):
-        target_area = area * rng.uniform(*config.scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
+    low_scale, high_scale = config.scale
+    low_ratio, high_ratio = math.log(config.ratio[0]), math.log(config.ratio[1])
+    for attempt in range(_CROP_TRIES):
+        u_scale, u_ratio, u_top, u_left = uniforms[4 * attempt:4 * attempt + 4].tolist()
+        target_area = area * (low_scale + (high_scale - low_scale) * u_scale)
+        aspect = math.exp(low_ratio + (high_ratio - low_ratio) * u_ratio)
         crop_width = round(math.sqrt(target_area * aspect))
         crop_height = round(math.sqrt(target_area / aspect))
         if 0 < crop_width <= width and 0 < crop_height <= height:
-            top = int(rng.integers(0, height - crop_height + 1))
-            left = int(rng.integers(0, width - crop_width + 1))
+            top = int(u_top * (height - crop_height + 1))
+            left = int(u_left * (width - crop_width + 1))
             return top, left, crop_height, crop_width
     # No draw fitted (extreme aspect ratio): the largest centered crop whose ratio is in range.
     aspect = width / height
@@ -86,14 +98,19 @@ def sample_crop(height: int, width: int, config: CropConfig, rng: np.random.Gene
 
 def random_resized_crop_flip(image: torch.Tensor, config: CropConfig, rng: np.random.Generator) -> torch.Tensor:
     """Crop a random box of ``image`` (``(C, H, W)``), resize it to ``config.size`` square, maybe flip it."""
-    from torchvision.transforms.v2 import functional as TF
+    return resized_crop_flip(image, config, rng.random(CROP_DRAWS))
 
+
+def resized_crop_flip(image: torch.Tensor, config: CropConfig, uniforms: np.ndarray) -> torch.Tensor:
+    """:func:`random_resized_crop_flip` with its :data:`CROP_DRAWS` uniform draws given."""
     _check_image(image)
-    top, left, crop_height, crop_width = sample_crop(image.shape[-2], image.shape[-1], config, rng)
-    out = TF.resized_crop(image, top, left, crop_height, crop_width, [config.size, config.size], antialias=True)
-    if rng.random() < config.flip_probability:
-        out = TF.horizontal_flip(out)
-    return out
+    top, left, crop_height, crop_width = crop_box(image.shape[-2], image.shape[-1], config, uniforms)
+    # torchvision's resized_crop kernel called directly (same result, half its per-image overhead).
+    crop = image[None, :, top:top + crop_height, left:left + crop_width]
+    out = torch.nn.functional.interpolate(crop if image.dtype == torch.uint8 else crop.float(),
+                                          size=(config.size, config.size), mode="bilinear", antialias=True,
+                                          align_corners=False)[0].to(image.dtype)
+    return out.flip(-1) if uniforms[-1] < config.flip_probability else out
 
 
 class TrainAugment:

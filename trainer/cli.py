@@ -47,6 +47,9 @@ def train(
     init: Optional[str] = typer.Option(None, "--init", help="Checkpoint to initialise the backbone from."),
     features_from: Optional[str] = typer.Option(None, "--features-from", help="ClusterFit: network to cluster."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop after this many seconds."),
+    budget_clock: str = typer.Option("wall", "--budget-clock",
+                                     help="What --time-budget counts: wall, or cpu (this process + workers)."),
+    crop_scale: float = typer.Option(0.2, "--crop-scale", help="Smallest random crop, as a fraction of the area."),
     seed: int = typer.Option(0, "--seed", help="Seed of everything random."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every core)."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
@@ -68,7 +71,8 @@ def train(
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout, workers=workers,
             balanced_sampling=balanced, samples_per_epoch=samples_per_epoch, checkpoint_every=checkpoint_every,
             init=init, features_from=features_from,
-            time_budget=time_budget, seed=seed, num_threads=threads,
+            time_budget=time_budget, budget_clock=budget_clock, crop_scale=(crop_scale, 1.0), seed=seed,
+            num_threads=threads,
             storage_options=parse_storage_options(storage_options),
         )
         with progress_bar(f"train {mode}") as update:

@@ -1,19 +1,24 @@
 """Training input: shards streamed from local disk or object storage, balanced over clusters.
 
-Shards are dealt to ``(rank, DataLoader worker)`` pairs round-robin; each pair streams its shards in order
-with webdataset (an fsspec opener for ``s3://``), numbers every sample by its global row (the shard's first
-row + its position in the shard: the row order of ``metadata.parquet`` and of the feature store), lets a
-:class:`~trainer.sampler.BalancedStream` decide how many times it is emitted and in which order, and only
-then decodes and augments it. The labels join in the main process as ``labels[row]`` (flat arrays).
+Every epoch the shards are put in a seeded random order (the same on every rank) and dealt to ``(rank,
+DataLoader worker)`` pairs round-robin; each pair reads its shards :data:`INTERLEAVE` at a time, taking
+samples from them in turn (ingest keeps input order, so a folder source's shards hold one class each: read
+one at a time, even a large shuffle buffer would make single-class batches). It numbers every sample by
+its global row (the shard's first row + its position in the shard: the row order of ``metadata.parquet``
+and of the feature store), lets a :class:`~trainer.sampler.BalancedStream` decide how many times it is
+emitted and in which order, and only then decodes and augments it. The labels join in the main process as
+``labels[row]`` (flat arrays).
 
-Determinism: augmentation draws come from a generator seeded by ``(seed, epoch, rank, worker, item)``, so
-a run resumed at batch ``b`` can skip the first items of every worker *without decoding them* and continue
-with exactly the batches an uninterrupted run would have produced.
+Determinism: the augmentation draws of item ``i`` of a worker come from a generator seeded by ``(seed, epoch,
+rank, worker, i // 256)`` (one draw of 256 items' uniforms at a time: seeding a generator per item cost more
+than decoding a 32-pixel JPEG), so a run resumed at batch ``b`` can skip the first items of every worker
+*without decoding them* and continue with exactly the batches an uninterrupted run would have produced.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,12 +29,16 @@ import torch
 from PIL import Image
 
 from dataengine.shards import ShardInfo, StreamErrors, register_fsspec_opener, sample_stream
-from trainer.augment import CropConfig, random_resized_crop_flip
+from trainer.augment import CROP_DRAWS, CropConfig, resized_crop_flip
 from trainer.sampler import BalancedStream, ClusterBalance, StreamConfig, stream_rng
 
 logger = logging.getLogger(__name__)
 
 _TAG_AUGMENT = 11
+_TAG_SHARDS = 12
+_AUGMENT_BLOCK = 256  # items whose augmentation draws one generator makes
+INTERLEAVE = 4
+"""Shards a DataLoader worker reads at a time, alternating between them sample by sample."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,7 @@ class EpochPlan:
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
-    """JPEG bytes -> (3, H, W) uint8 tensor."""
+    """JPEG bytes (or any image PIL reads) -> (3, H, W) uint8 tensor."""
     with Image.open(io.BytesIO(data)) as image:
         array = np.asarray(image.convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
@@ -85,29 +94,46 @@ class ShardStream(torch.utils.data.IterableDataset):
         return batches * self.batch_size
 
     def _rows(self, shards: list[ShardInfo]) -> Iterator[tuple[int, dict[str, Any]]]:
-        errors = StreamErrors()
-        for shard in shards:
-            position = 0
-            for sample in sample_stream([shard.url], handler=errors):
-                yield shard.first_row + position, sample
-                position += 1
-            if position != shard.num_samples:
-                logger.warning("%s: streamed %d samples, the manifest says %d (rows after the gap are shifted)",
-                               shard.url, position, shard.num_samples)
+        """``(row, sample)`` of ``shards``, :data:`INTERLEAVE` shards at a time, one sample of each in turn."""
+        waiting = iter(shards)
+        active = [self._shard_rows(shard) for shard in itertools.islice(waiting, INTERLEAVE)]
+        while active:
+            for stream in list(active):
+                item = next(stream, None)
+                if item is not None:
+                    yield item
+                    continue
+                active.remove(stream)
+                following = next(waiting, None)
+                if following is not None:
+                    active.append(self._shard_rows(following))
+
+    @staticmethod
+    def _shard_rows(shard: ShardInfo) -> Iterator[tuple[int, dict[str, Any]]]:
+        position = 0
+        for sample in sample_stream([shard.url], handler=StreamErrors()):
+            yield shard.first_row + position, sample
+            position += 1
+        if position != shard.num_samples:
+            logger.warning("%s: streamed %d samples, the manifest says %d (rows after the gap are shifted)",
+                           shard.url, position, shard.num_samples)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         worker, num_workers = self._worker()
         register_fsspec_opener(self.storage_options)
-        # Rank r streams shards r, r + world, ...; its worker w takes every W-th of those.
-        mine = self.shards[self.plan.rank::self.plan.world_size][worker::num_workers]
+        # Rank r streams this epoch's shards r, r + world, ...; its worker w takes every W-th of those.
+        mine = epoch_shards(self.shards, self.stream.seed, self.plan)[worker::num_workers]
         stream = BalancedStream(self.balance, self.stream, epoch=self.plan.epoch, rank=self.plan.rank, worker=worker)
         skip = self._skip_items(worker, num_workers)
+        draws = np.empty((0, CROP_DRAWS))
         for index, (row, sample) in enumerate(stream(self._rows(mine))):
             if index < skip:
                 continue
-            rng = stream_rng(self.stream.seed, _TAG_AUGMENT, self.plan.epoch, self.plan.rank, worker, index)
-            image = random_resized_crop_flip(decode_rgb(sample["jpg"]), self.crop, rng)
-            yield image, row
+            block, offset = divmod(index, _AUGMENT_BLOCK)
+            if offset == 0 or len(draws) == 0:
+                rng = stream_rng(self.stream.seed, _TAG_AUGMENT, self.plan.epoch, self.plan.rank, worker, block)
+                draws = rng.random((_AUGMENT_BLOCK, CROP_DRAWS))
+            yield resized_crop_flip(decode_rgb(sample["jpg"]), self.crop, draws[offset]), row
 
 
 def make_loader(dataset: ShardStream, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
@@ -118,9 +144,17 @@ def make_loader(dataset: ShardStream, batch_size: int, workers: int) -> torch.ut
     )
 
 
-def expected_samples(shards: list[ShardInfo], balance: ClusterBalance | None, plan: EpochPlan) -> float:
+def epoch_shards(shards: list[ShardInfo], seed: int, plan: EpochPlan) -> list[ShardInfo]:
+    """The shards ``plan.rank`` streams in ``plan.epoch``, in order: a seeded per-epoch permutation of all
+    shards (the same on every rank), dealt round-robin to the ranks."""
+    order = stream_rng(seed, _TAG_SHARDS, plan.epoch).permutation(len(shards))
+    return [shards[index] for index in order[plan.rank::plan.world_size]]
+
+
+def expected_samples(shards: list[ShardInfo], balance: ClusterBalance | None, plan: EpochPlan,
+                     seed: int) -> float:
     """Expected samples this rank emits in the epoch (all its workers together)."""
-    rows = [np.arange(s.first_row, s.end_row) for s in shards[plan.rank::plan.world_size]]
+    rows = [np.arange(s.first_row, s.end_row) for s in epoch_shards(shards, seed, plan)]
     if not rows:
         return 0.0
     rows_all = np.concatenate(rows)

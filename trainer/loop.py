@@ -43,6 +43,7 @@ from trainer.sampler import ClusterBalance, StreamConfig, torch_generator
 logger = logging.getLogger(__name__)
 
 MODES = ("deepercluster", "deepcluster", "rotnet", "clusterfit")
+BUDGET_CLOCKS = ("wall", "cpu")
 CHECKPOINT_FORMAT = "trainer.checkpoint"
 _TAG_INIT, _TAG_HEAD, _TAG_ROTATE = 21, 22, 23
 
@@ -104,6 +105,9 @@ class TrainConfig:
     time_budget: float | None = None
     """Stop (with a checkpoint) once the run has taken this many seconds, re-clusterings included (the
     budget of method comparisons), counted across resumes."""
+    budget_clock: str = "wall"
+    """What ``time_budget`` counts: ``wall`` seconds, or ``cpu`` seconds of this process and its children
+    (DataLoader workers included), which stay comparable when other work shares the machine."""
     seed: int = 0
     """Seed of initialisation, sampling, augmentation, rotations and clusterings."""
     num_threads: int | None = None
@@ -125,6 +129,11 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if self.budget_clock not in BUDGET_CLOCKS:
+            raise ValueError(f"budget_clock={self.budget_clock!r} must be one of {', '.join(BUDGET_CLOCKS)}")
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
 
     @property
     def resolved_resize(self) -> int:
@@ -232,7 +241,8 @@ class Trainer:
         self.metrics: list[dict[str, Any]] = []
         self.elapsed_before = 0.0  # seconds spent by earlier sessions of this run (resume)
         self.recluster_seconds = 0.0  # duration of the last re-clustering
-        self.session_start = time.perf_counter()
+        self.clock = process_tree_cpu_seconds if config.budget_clock == "cpu" else time.perf_counter
+        self.session_start = self.clock()
         self.crop = CropConfig(size=config.image_size, scale=tuple(config.crop_scale))
 
     # -------------------------------------------------------------------------------------- state
@@ -390,7 +400,7 @@ class Trainer:
         stream = ShardStream(self.shard_set.shards, balance, StreamConfig(seed=config.seed,
                                                                           buffer_size=config.buffer_size),
                              self.crop, plan, config.batch_size, config.storage_options)
-        expected = _min_over_ranks(expected_samples(self.shard_set.shards, balance, plan))
+        expected = _min_over_ranks(expected_samples(self.shard_set.shards, balance, plan, config.seed))
         # A few standard deviations below the expected count, so that no rank runs dry before the others.
         steps = int((expected - 4 * math.sqrt(max(expected, 1.0))) // config.batch_size)
         return make_loader(stream, config.batch_size, config.workers), max(steps, 1)
@@ -424,8 +434,8 @@ class Trainer:
 
     @property
     def elapsed(self) -> float:
-        """Seconds this run has taken so far, over all its sessions."""
-        return self.elapsed_before + time.perf_counter() - self.session_start
+        """Seconds (of the budget's clock) this run has taken so far, over all its sessions."""
+        return self.elapsed_before + self.clock() - self.session_start
 
     def _time_to_recluster(self) -> bool:
         """False when a time budget would run out during this re-clustering: train on with the labels in hand
@@ -444,9 +454,10 @@ class Trainer:
         while self.epoch < self.config.epochs and not self._out_of_time():
             record: dict[str, Any] = {"epoch": self.epoch}
             if self.step == 0 and self._needs_clustering(self.epoch) and self._time_to_recluster():
-                started = time.perf_counter()
+                started, started_clock = time.perf_counter(), self.clock()
                 record["clustering"] = self.recluster(self.epoch)
-                self.recluster_seconds = time.perf_counter() - started
+                record["clustering"]["seconds"] = time.perf_counter() - started
+                self.recluster_seconds = self.clock() - started_clock
             record.update(self.train_epoch(self.epoch))
             if self.labels is not None:
                 record["clustering_name"] = self.labels.name
@@ -462,6 +473,33 @@ class Trainer:
             with open(os.path.join(self.config.out, "metrics.jsonl"), "a") as handle:
                 handle.write(json.dumps(record, sort_keys=True, default=float) + "\n")
             logger.info("epoch %d: %s", record["epoch"], {k: v for k, v in record.items() if k != "clustering"})
+
+
+def process_tree_cpu_seconds() -> float:
+    """CPU seconds used by this process (all threads) and its children, live or finished (Linux ``/proc``;
+    elsewhere this process and its finished children only)."""
+    times = os.times()
+    total = time.process_time() + times.children_user + times.children_system
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return total
+    ticks = os.sysconf("SC_CLK_TCK")
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as handle:
+                children = handle.read().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited in between: counted in children_* once reaped
+            # utime, stime, cutime, cstime are fields 14-17 of stat(5); fields[0] is field 3 (state).
+            total += sum(int(value) for value in fields[11:15]) / ticks
+    return total
 
 
 def run_train(config: TrainConfig, progress: Callable[[int], None] | None = None) -> TrainResult:

@@ -10,7 +10,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from dataengine.models import IMAGENET_MEAN, IMAGENET_STD
-from trainer.augment import CropConfig, TrainAugment, center_crop, normalize, random_resized_crop_flip, sample_crop
+from trainer.augment import (CROP_DRAWS, CropConfig, TrainAugment, center_crop, crop_box, normalize,
+                             random_resized_crop_flip, resized_crop_flip, sample_crop)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -69,6 +70,17 @@ def test_flip_happens_after_the_same_crop():
     plain = random_resized_crop_flip(image, CropConfig(size=12, flip_probability=0.0), np.random.default_rng(5))
     flipped = random_resized_crop_flip(image, CropConfig(size=12, flip_probability=1.0), np.random.default_rng(5))
     assert torch.equal(flipped, TF.horizontal_flip(plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_crop_equals_torchvision_resized_crop(dtype):
+    image = _image(dtype=dtype)
+    config = CropConfig(size=24, flip_probability=0.0)
+    for seed in range(5):
+        uniforms = np.random.default_rng(seed).random(CROP_DRAWS)
+        top, left, height, width = crop_box(40, 60, config, uniforms)
+        expected = TF.resized_crop(image, top, left, height, width, [24, 24], antialias=True)
+        assert torch.equal(resized_crop_flip(image, config, uniforms), expected)
 
 
 def test_center_crop_takes_the_middle():

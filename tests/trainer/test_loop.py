@@ -68,6 +68,34 @@ def test_bad_configs_are_refused(shards, tmp_path):
         _config(shards, tmp_path, mode="clusterfit", levels=(4,))
 
 
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_time_budget_stops_the_run_and_counts_across_resumes(shards, tmp_path, clock):
+    config = _config(shards, tmp_path / clock, mode="rotnet", epochs=500, time_budget=2.0, budget_clock=clock)
+    first = run_train(config)
+    state = torch.load(first.checkpoint, weights_only=True)
+    assert 0 < first.epochs < 500 and state["elapsed"] >= 2.0
+    again = run_train(config)  # the budget is spent: a resume trains no further
+    assert (again.epochs, again.steps) == (first.epochs, first.steps)
+    with pytest.raises(ValueError, match="budget_clock"):
+        _config(shards, tmp_path, budget_clock="gpu")
+
+
+def test_cpu_clock_counts_live_and_finished_child_processes():
+    from trainer.loop import process_tree_cpu_seconds
+
+    before = process_tree_cpu_seconds()
+    burn = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\nsys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE)
+    deadline = time.time() + 60
+    while process_tree_cpu_seconds() - before < 1.0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert child.poll() is None, "the child must still be alive: its CPU time came from /proc"
+    assert process_tree_cpu_seconds() - before >= 1.0
+    child.stdin.close()
+    child.wait()
+    assert process_tree_cpu_seconds() - before >= 1.0
+
+
 def _train_cmd(shards: str, out) -> list[str]:
     return [sys.executable, "-m", "dataengine.cli", "--quiet", "train", shards, "--out", str(out), "--arch", "small",
             "--image-size", "32", "--epochs", "2", "--reassign-every", "1", "--levels", "2,3", "--pca", "16",
