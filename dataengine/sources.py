@@ -12,6 +12,7 @@ expensive part (reading or downloading bytes, decoding). Row order alone decides
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -62,8 +63,13 @@ def folder_key(relative_path: str) -> str:
 
 def label_of(relative_path: str) -> str | None:
     """The class sub-folder of an image (its parent folder's name), ``None`` for files at the root."""
-    parent = posixpath.dirname(relative_path.replace(os.sep, "/"))
-    return posixpath.basename(parent) or None
+    path = relative_path.replace(os.sep, "/")
+    return _folder_label(path[: path.rfind("/") + 1])  # the folder part decides; a folder holds many images
+
+
+@functools.lru_cache(maxsize=4096)
+def _folder_label(folder: str) -> str | None:
+    return posixpath.basename(posixpath.dirname(folder)) or None
 
 
 def is_image_name(name: str) -> bool:

@@ -8,6 +8,11 @@ already in memory (the pure compute ceiling). Ingest: the real command from the 
 --images TAR --out DIR``), wall time including interpreter start-up, tar reading, shard writing, parquet
 and manifest. The ratios ingest/kernel say what the pipeline keeps of the machine (target >= 0.90).
 
+Both commands are also measured in CPU seconds (user + system of the process and its workers): on a shared
+machine wall time mostly measures the other tenants (a job that needs less CPU can even finish later, having
+fewer runnable processes to claim a share with), while on two cores the CPU a command burns per image is what
+decides its rate on a quiet machine. The CPU ratio is kernel program CPU / ingest CPU.
+
 Usage: python tools/bench_ingest.py [--tar ../shared/data/imagenette2-train-4k.tar] [--repeats 3]
 """
 
@@ -18,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -66,8 +72,14 @@ if __name__ == "__main__":
 """
 
 
-def kernel_program_rate(tar_path: str, workers: int, image_size: int, quality: int, scratch: str) -> float:
-    """Images/s of the bare kernel as a whole program started from the shell."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def kernel_program_rate(tar_path: str, workers: int, image_size: int, quality: int,
+                        scratch: str) -> tuple[float, float]:
+    """Images/s of the bare kernel as a whole program started from the shell, and its CPU seconds."""
     with open(os.path.join(scratch, "tools_bench_kernel.py"), "w") as handle:
         handle.write("import hashlib\nfrom dataengine.images import normalize_image\n\n"
                      "def kernel(args):\n    data, size, quality = args\n    hashlib.sha256(data).hexdigest()\n"
@@ -75,23 +87,24 @@ def kernel_program_rate(tar_path: str, workers: int, image_size: int, quality: i
     program = os.path.join(scratch, "kernel_program.py")
     with open(program, "w") as handle:
         handle.write(KERNEL_PROGRAM)
-    start = time.perf_counter()
+    cpu, start = _children_cpu(), time.perf_counter()
     result = subprocess.run([sys.executable, program, tar_path, str(workers), str(image_size), str(quality)],
                             check=True, capture_output=True, text=True, cwd=scratch)
-    return int(result.stdout.strip()) / (time.perf_counter() - start)
+    return int(result.stdout.strip()) / (time.perf_counter() - start), _children_cpu() - cpu
 
 
-def ingest_rate(tar_path: str, workers: int, image_size: int, quality: int, scratch: str) -> tuple[float, dict]:
-    """Images/s of ``dataengine ingest`` from the shell (wall time of the whole command)."""
+def ingest_rate(tar_path: str, workers: int, image_size: int, quality: int,
+                scratch: str) -> tuple[float, float, dict]:
+    """Images/s of ``dataengine ingest`` from the shell (wall time of the whole command), its CPU seconds."""
     out = os.path.join(scratch, "out")
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "dataengine.cli", "--quiet", "ingest", "--images", tar_path, "--out", out,
                "--workers", str(workers), "--image-size", str(image_size), "--quality", str(quality), "--json"]
-    start = time.perf_counter()
+    cpu, start = _children_cpu(), time.perf_counter()
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    return summary["counts"]["ok"] / seconds, summary
+    return summary["counts"]["ok"] / seconds, _children_cpu() - cpu, summary
 
 
 def startup_seconds() -> float:
@@ -113,22 +126,30 @@ def main() -> None:
     blobs = read_members(args.tar)
     print(f"{len(blobs)} images from {os.path.basename(args.tar)}, {args.workers} workers, "
           f"image_size={args.image_size}, repeats={args.repeats}")
-    kernels, programs, ingests, starts = [], [], [], []
+    kernels, programs, ingests, starts, program_cpus, ingest_cpus = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
             kernels.append(kernel_rate(blobs, args.workers, args.image_size, args.quality))
-            programs.append(kernel_program_rate(args.tar, args.workers, args.image_size, args.quality, scratch))
-            rate, summary = ingest_rate(args.tar, args.workers, args.image_size, args.quality, scratch)
+            rate, cpu = kernel_program_rate(args.tar, args.workers, args.image_size, args.quality, scratch)
+            programs.append(rate)
+            program_cpus.append(cpu)
+            rate, cpu, summary = ingest_rate(args.tar, args.workers, args.image_size, args.quality, scratch)
             ingests.append(rate)
+            ingest_cpus.append(cpu)
             starts.append(startup_seconds())
             print(f"  run {repeat}: kernel warm pool {kernels[-1]:.1f} img/s, kernel program {programs[-1]:.1f} "
-                  f"img/s, ingest {rate:.1f} img/s (ok={summary['counts']['ok']}, shards={summary['num_shards']})")
+                  f"img/s ({program_cpus[-1]:.2f} CPU-s), ingest {rate:.1f} img/s ({cpu:.2f} CPU-s; "
+                  f"ok={summary['counts']['ok']}, shards={summary['num_shards']})")
     kernel, program, ingest = (statistics.median(v) for v in (kernels, programs, ingests))
     print(f"kernel, warm pool (compute ceiling): {kernel:8.1f} images/s ({kernel / args.workers:.1f} per core)")
     print(f"kernel, whole program from shell   : {program:8.1f} images/s ({program / args.workers:.1f} per core)")
     print(f"dataengine ingest from the shell   : {ingest:8.1f} images/s ({ingest / args.workers:.1f} per core)")
     print(f"ratio ingest / kernel program      : {ingest / program:.3f} (target >= 0.90)")
     print(f"ratio ingest / warm-pool ceiling   : {ingest / kernel:.3f}")
+    program_cpu, ingest_cpu = statistics.median(program_cpus), statistics.median(ingest_cpus)
+    print(f"CPU seconds, kernel program / ingest: {program_cpu:.2f} / {ingest_cpu:.2f} "
+          f"({program_cpu / len(blobs) * 1e6:.0f} / {ingest_cpu / len(blobs) * 1e6:.0f} us per image)")
+    print(f"CPU ratio kernel program / ingest  : {program_cpu / ingest_cpu:.3f} (what 2 cores give on a quiet machine)")
     print(f"CLI start-up (ingest --help): {statistics.median(starts) * 1000:.0f} ms")
 
 

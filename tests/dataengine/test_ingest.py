@@ -353,3 +353,71 @@ def test_tar_header_scan_matches_tarfile(tmp_path, fmt):
     assert list(scan_tar(str(path))) == expected and expected
     with open(path, "rb") as handle:
         assert list(iter_members(handle)) == contents
+
+
+# ------------------------------------------------------------------------------------------ worker transport
+
+
+def _noise_jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+_ARENA_CHECK = """
+import os, sys, threading
+from dataengine.ingest import IngestConfig, _blocks, _ordered_results, run_ingest
+from dataengine.sources import iter_rows
+
+def files(out):
+    found = {}
+    for folder, _, names in os.walk(out):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), out)
+            if not rel.startswith(".tmp"):
+                found[rel] = open(os.path.join(folder, name), "rb").read()
+    return found
+
+root = sys.argv[1]
+assert threading.active_count() == 1  # fork, hence the shared arena
+outputs = {}
+for workers in (0, 2):
+    config = IngestConfig(images=f"{root}/imgs", out=f"{root}/w{workers}", workers=workers, shard_size=9,
+                          block_rows=2, image_size=2048)
+    result = run_ingest(config)
+    assert result.counts["ok"] == 40 and result.counts["duplicate"] == 1 and result.counts["corrupt"] == 1
+    outputs[workers] = files(f"{root}/w{workers}")
+assert outputs[0] == outputs[2], "the pool's output differs from the in-process run's"
+kinds, kept = {}, None
+for samples in _ordered_results(config, _blocks(iter_rows(None, config.images, {}), config.block_rows)):
+    if isinstance(kept, memoryview):  # a view kept past its block is released, not reading a reused slot
+        try:
+            bytes(kept)
+        except ValueError:
+            kept = False
+        else:
+            raise AssertionError("a member view outlived its block")
+    for sample in samples:
+        if sample.status == "ok":
+            kinds.setdefault(sample.metadata["source"].startswith("b/big"), set()).add(type(sample.member))
+            if kept is None and isinstance(sample.member, memoryview):
+                assert bytes(sample.member[257:262]) == b"ustar"
+                kept = sample.member
+assert kinds == {True: {bytes}, False: {memoryview}}, kinds  # both ways were taken
+assert kept is False
+print("ok")
+"""
+
+
+def test_shared_arena_and_pickled_members_give_identical_output(tmp_path):
+    # Blocks of 2 rows with 2 workers: 20 blocks through 8 arena slots (each reused), and noise images whose
+    # members (> 1 MiB) do not fit a slot and travel pickled; the output must equal the in-process run's.
+    # In a fresh interpreter: threads left by other tests (s3fs, http server) would make the pool spawn.
+    make_folder(tmp_path / "imgs", num_per_class=12, classes=("a", "b", "c"))
+    for i in range(4):
+        (tmp_path / "imgs" / "b" / f"big{i}.jpg").write_bytes(_noise_jpeg(i, (1600, 1100)))
+    (tmp_path / "imgs" / "c" / "zz-dup.jpg").write_bytes((tmp_path / "imgs" / "a" / "003.jpg").read_bytes())
+    (tmp_path / "imgs" / "c" / "zz-bad.jpg").write_bytes(b"junk")
+    result = subprocess.run([sys.executable, "-c", _ARENA_CHECK, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
