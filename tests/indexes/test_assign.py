@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from indexes import assign as assign_module
-from indexes.assign import Assigner, ClusterSums, assign_source, rows_per_task
+from indexes.assign import Assigner, ClusterSums, assign_source, block_rows, rows_per_task
 from indexes.data import ArrayDataset
 
 
@@ -33,23 +33,62 @@ def test_backends_match_brute_force(backend):
     np.testing.assert_allclose(sqdist, exact_d2, rtol=1e-4, atol=1e-3)
 
 
-def test_sums_are_exact_float64_and_thread_count_does_not_matter():
+@pytest.mark.parametrize(
+    ("num_clusters", "task_rows"),
+    [(300, None), (600, 512)],  # dense (k, d) partials over 4-block tasks; sparse (unique-label) partials
+)
+def test_sums_are_exact_float64_and_thread_count_does_not_matter(monkeypatch, num_clusters, task_rows):
+    if task_rows is not None:
+        monkeypatch.setattr(assign_module, "_TASK_ROWS", task_rows)
     rng = np.random.default_rng(1)
     rows = rng.standard_normal((5000, 8)).astype(np.float32)
-    centroids = rows[:300].copy()  # k > rows_per_task // 4: the sparse (unique-label) partial sums
+    centroids = rows[:num_clusters].copy()
     results = []
     for threads in (1, 2):
-        sums = ClusterSums.zeros(300, 8)
-        labels, sqdist = Assigner(centroids, backend="blas", num_threads=threads).assign(rows, sums)
-        results.append((labels, sums))
-    (labels, sums), (labels2, sums2) = results
+        sums = ClusterSums.zeros(num_clusters, 8)
+        assigner = Assigner(centroids, backend="blas", num_threads=threads)
+        assert (num_clusters > assigner.rows_per_task) == (task_rows is not None)
+        labels, sqdist = assigner.assign(rows, sums)
+        results.append((labels, sqdist, sums))
+    (labels, sqdist, sums), (labels2, sqdist2, sums2) = results
     np.testing.assert_array_equal(labels, labels2)
+    np.testing.assert_array_equal(sqdist, sqdist2)
     np.testing.assert_array_equal(sums.sums, sums2.sums)
-    assert sums.objective == sums2.objective
-    expected = np.zeros((300, 8))
+    assert sums.objective == sums2.objective == float(sqdist.sum(dtype=np.float64))
+    expected = np.zeros((num_clusters, 8))
     np.add.at(expected, labels, rows.astype(np.float64))
     np.testing.assert_allclose(sums.sums, expected, rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(sums.counts, np.bincount(labels, minlength=300))
+    np.testing.assert_array_equal(sums.counts, np.bincount(labels, minlength=num_clusters))
+    exact_labels, exact_d2 = _brute_force(rows, centroids)
+    clear = _no_near_ties(rows, centroids, exact_labels)
+    np.testing.assert_array_equal(labels[clear], exact_labels[clear])
+    np.testing.assert_allclose(sqdist, exact_d2, rtol=1e-4, atol=1e-4)
+
+
+def test_sums_accumulate_over_calls():
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((3000, 6)).astype(np.float32)
+    assigner = Assigner(rng.standard_normal((20, 6)).astype(np.float32), backend="blas", num_threads=2)
+    whole, halves = ClusterSums.zeros(20, 6), ClusterSums.zeros(20, 6)
+    assigner.assign(rows, whole)
+    assigner.assign(rows[:1000], halves)
+    assigner.assign(rows[1000:], halves)
+    np.testing.assert_allclose(halves.sums, whole.sums, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(halves.counts, whole.counts)
+    assert halves.objective == pytest.approx(whole.objective, rel=1e-12)
+
+
+def test_scratch_buffers_are_shared_safely_between_assigners():
+    """Per-thread scratch is reused across assigners: different k and d (same padded width) in turn."""
+    rng = np.random.default_rng(6)
+    for dim, num_clusters in [(127, 40), (126, 3), (127, 300), (8, 40)]:
+        rows = rng.standard_normal((700, dim)).astype(np.float32)
+        centroids = rng.standard_normal((num_clusters, dim)).astype(np.float32)
+        labels, sqdist = Assigner(centroids, backend="blas", num_threads=1).assign(rows)
+        exact_labels, exact_d2 = _brute_force(rows, centroids)
+        clear = _no_near_ties(rows, centroids, exact_labels)
+        np.testing.assert_array_equal(labels[clear], exact_labels[clear])
+        np.testing.assert_allclose(sqdist, exact_d2, rtol=1e-4, atol=1e-3)
 
 
 def test_dense_partial_sums_for_small_k():
@@ -91,9 +130,8 @@ def test_assign_source_streams_blocks():
 
 
 def test_rows_per_task_depends_on_k_only():
-    assert rows_per_task(4) == 4096
-    assert rows_per_task(256) == 2048
-    assert rows_per_task(100_000) == 512
+    assert [block_rows(k) for k in (4, 256, 1024, 100_000)] == [4096, 2048, 512, 512]
+    assert [rows_per_task(k) for k in (4, 256, 1024, 100_000)] == [4096, 4096, 4096, 4096]
     with pytest.raises(ValueError, match="backend"):
         Assigner(np.zeros((2, 2), dtype=np.float32), backend="gpu")
     with pytest.raises(ValueError, match="columns"):
