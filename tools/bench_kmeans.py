@@ -92,6 +92,7 @@ def bench_throughput(args) -> dict:
         rounds = []
         for _ in range(args.repeats):
             sgemm, sgemm_cpu = wall_and_cpu(lambda: a @ a, 2 * 4096**3)
+            time.sleep(0.5)  # OpenBLAS's threads spin ~0.1 s after a call: not on the next measurement's cores
             ours, ours_cpu = wall_and_cpu(lambda: assigner.assign(rows, ClusterSums.zeros(k, DIM)), flops)
             km = faiss.Kmeans(DIM, k, niter=2, seed=1, max_points_per_centroid=args.rows, verbose=False)
             km.train(rows)  # faiss reports cumulative times: the second iteration is a difference
