@@ -42,6 +42,16 @@ def _check(header: bytes) -> None:
         raise tarfile.ReadError("bad checksum in a tar header (corrupt or not a tar)")
 
 
+def _parse_header(header: bytes) -> tuple[int, bytes] | None:
+    """``(member size, type flag)`` of a checked header block; None at the end of the archive."""
+    if not header or header == _ZERO_BLOCK:
+        return None
+    if len(header) < BLOCK:
+        raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
+    _check(header)
+    return _number(header[124:136]), header[156:157]
+
+
 def _extended_name(data: bytes, kind: bytes) -> str | None:
     if kind == b"L":
         return data.split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -76,13 +86,10 @@ def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     long_name: str | None = None
     while True:
         header = stream.read(BLOCK)
-        if not header or header == _ZERO_BLOCK:
+        parsed = _parse_header(header)
+        if parsed is None:
             return
-        if len(header) < BLOCK:
-            raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
-        _check(header)
-        size = _number(header[124:136])
-        kind = header[156:157]
+        size, kind = parsed
         padded = size + (-size % BLOCK)
         if kind in _EXTENDED:
             long_name = _extended_name(_read_exact(stream, padded)[:size], kind) or long_name
@@ -99,14 +106,11 @@ def scan_tar(path: str) -> Iterator[tuple[str, int, int]]:
     with open(path, "rb") as handle:
         while True:
             header = handle.read(BLOCK)
-            if not header or header == _ZERO_BLOCK:
+            parsed = _parse_header(header)
+            if parsed is None:
                 return
-            if len(header) < BLOCK:
-                raise tarfile.ReadError(f"{path}: truncated tar header")
-            _check(header)
-            size = _number(header[124:136])
+            size, kind = parsed
             data_offset = handle.tell()
-            kind = header[156:157]
             if kind in _EXTENDED:
                 long_name = _extended_name(handle.read(size), kind) or long_name
             elif kind in _REGULAR:

@@ -421,3 +421,24 @@ def test_shared_arena_and_pickled_members_give_identical_output(tmp_path):
     (tmp_path / "imgs" / "c" / "zz-bad.jpg").write_bytes(b"junk")
     result = subprocess.run([sys.executable, "-c", _ARENA_CHECK, str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_tar_readers_reject_corrupt_headers_and_truncated_members(tmp_path):
+    from dataengine.tario import iter_members, scan_tar
+
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
+        for name in ("a.jpg", "a.json"):
+            info = tarfile.TarInfo(name)
+            info.size = 700
+            archive.addfile(info, io.BytesIO(b"x" * 700))
+    data = path.read_bytes()
+    corrupt = tmp_path / "corrupt.tar"
+    corrupt.write_bytes(data[:1536] + b"garbage" + data[1543:])  # inside the second header
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(data[:1536 + 512 + 100])  # the second member's data cut short
+    for bad in (corrupt, truncated):
+        with open(bad, "rb") as handle, pytest.raises(tarfile.ReadError):
+            list(iter_members(handle))
+    with pytest.raises(tarfile.ReadError):
+        list(scan_tar(str(corrupt)))
