@@ -241,7 +241,7 @@ class Trainer:
         self.metrics: list[dict[str, Any]] = []
         self.elapsed_before = 0.0  # seconds spent by earlier sessions of this run (resume)
         self.recluster_seconds = 0.0  # duration of the last re-clustering
-        self.clock = process_tree_cpu_seconds if config.budget_clock == "cpu" else time.perf_counter
+        self.clock: Callable[[], float] = CpuClock() if config.budget_clock == "cpu" else time.perf_counter
         self.session_start = self.clock()
         self.crop = CropConfig(size=config.image_size, scale=tuple(config.crop_scale))
 
@@ -477,13 +477,16 @@ class Trainer:
 
 def process_tree_cpu_seconds() -> float:
     """CPU seconds used by this process (all threads) and its children, live or finished (Linux ``/proc``;
-    elsewhere this process and its finished children only)."""
-    times = os.times()
-    total = time.process_time() + times.children_user + times.children_system
+    elsewhere this process and its finished children only).
+
+    Not monotonic on its own: a child reaped between the two reads is briefly counted twice (use
+    :class:`CpuClock` for budgets).
+    """
+    total = time.process_time()
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
-        return total
+        tasks = []
     ticks = os.sysconf("SC_CLK_TCK")
     for task in tasks:
         try:
@@ -499,7 +502,20 @@ def process_tree_cpu_seconds() -> float:
                 continue  # exited in between: counted in children_* once reaped
             # utime, stime, cutime, cstime are fields 14-17 of stat(5); fields[0] is field 3 (state).
             total += sum(int(value) for value in fields[11:15]) / ticks
-    return total
+    # Read after the live children: a child reaped in between is counted twice for a moment, never missed.
+    times = os.times()
+    return total + times.children_user + times.children_system
+
+
+class CpuClock:
+    """:func:`process_tree_cpu_seconds` made monotonic (a reading never goes below an earlier one)."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self) -> float:
+        self.last = max(self.last, process_tree_cpu_seconds())
+        return self.last
 
 
 def run_train(config: TrainConfig, progress: Callable[[int], None] | None = None) -> TrainResult:

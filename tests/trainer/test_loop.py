@@ -81,8 +81,9 @@ def test_time_budget_stops_the_run_and_counts_across_resumes(shards, tmp_path, c
 
 
 def test_cpu_clock_counts_live_and_finished_child_processes():
-    from trainer.loop import process_tree_cpu_seconds
+    from trainer.loop import CpuClock
 
+    process_tree_cpu_seconds = CpuClock()
     before = process_tree_cpu_seconds()
     burn = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\nsys.stdin.read()"
     child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE)
