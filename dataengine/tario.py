@@ -42,14 +42,17 @@ def _check(header: bytes) -> None:
         raise tarfile.ReadError("bad checksum in a tar header (corrupt or not a tar)")
 
 
-def _parse_header(header: bytes) -> tuple[int, bytes] | None:
-    """``(member size, type flag)`` of a checked header block; None at the end of the archive."""
-    if not header or header == _ZERO_BLOCK:
-        return None
-    if len(header) < BLOCK:
-        raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
-    _check(header)
-    return _number(header[124:136]), header[156:157]
+def _headers(stream: IO[bytes]) -> Iterator[tuple[bytes, int, bytes]]:
+    """``(header block, member size, type flag)`` of each checked header read from ``stream``, until the end
+    of the archive; the caller moves ``stream`` past each member's data before asking for the next."""
+    while True:
+        header = stream.read(BLOCK)
+        if not header or header == _ZERO_BLOCK:
+            return
+        if len(header) < BLOCK:
+            raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
+        _check(header)
+        yield header, _number(header[124:136]), header[156:157]
 
 
 def _extended_name(data: bytes, kind: bytes) -> str | None:
@@ -84,12 +87,7 @@ def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     and other member kinds are skipped.
     """
     long_name: str | None = None
-    while True:
-        header = stream.read(BLOCK)
-        parsed = _parse_header(header)
-        if parsed is None:
-            return
-        size, kind = parsed
+    for header, size, kind in _headers(stream):
         padded = size + (-size % BLOCK)
         if kind in _EXTENDED:
             long_name = _extended_name(_read_exact(stream, padded)[:size], kind) or long_name
@@ -104,12 +102,7 @@ def scan_tar(path: str) -> Iterator[tuple[str, int, int]]:
     """``(name, data offset, size)`` of the regular files of a local tar, reading only the headers."""
     long_name: str | None = None
     with open(path, "rb") as handle:
-        while True:
-            header = handle.read(BLOCK)
-            parsed = _parse_header(header)
-            if parsed is None:
-                return
-            size, kind = parsed
+        for header, size, kind in _headers(handle):
             data_offset = handle.tell()
             if kind in _EXTENDED:
                 long_name = _extended_name(handle.read(size), kind) or long_name
