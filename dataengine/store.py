@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -327,7 +328,8 @@ def inspect_existing(url: str, storage_options: dict[str, Any] | None = None) ->
     try:
         group = zarr.open_group(store=zarr_store(url, storage_options, read_only=True), mode="r")
     except FileNotFoundError:
-        if not is_remote(url) and os.path.isdir(url) and os.listdir(url):
+        # Only the temporary of a first root write (a writer killed inside it) counts as nothing there.
+        if not is_remote(url) and os.path.isdir(url) and not all(_PARTIAL.search(n) for n in os.listdir(url)):
             raise OutputExistsError(f"{url} exists and is not a feature store; choose another --out") from None
         return None
     attrs = dict(group.attrs)
@@ -345,9 +347,11 @@ def create_store(url: str, storage_options: dict[str, Any] | None, layout: Store
     """
     import zarr
 
-    group = zarr.open_group(store=zarr_store(url, storage_options), mode="w")
-    # update_attributes writes zarr.json once (attrs.update writes it once per key).
-    group.update_attributes(dict(attrs, format=FORMAT, version=VERSION, state="initializing", complete=False))
+    _clear_for_create(url, storage_options)
+    # The root zarr.json is written once, attributes included: a kill never leaves a root without them.
+    group = zarr.open_group(store=zarr_store(url, storage_options), mode="w",
+                            attributes=dict(attrs, format=FORMAT, version=VERSION, state="initializing",
+                                            complete=False))
     shards = None
     if layout.chunks_per_shard > 1:
         shards = (layout.rows_per_block, layout.dim)
@@ -357,6 +361,27 @@ def create_store(url: str, storage_options: dict[str, Any] | None, layout: Store
                        fill_value=False)
     group.create_array("progress", shape=(layout.num_blocks,), dtype=str, chunks=(1,))
     return FeatureStore(group, url, storage_options)
+
+
+def _clear_for_create(url: str, storage_options: dict[str, Any] | None) -> None:
+    """Empty the store at ``url`` so that a kill at any point leaves something a re-run recognises.
+
+    An existing root is first marked ``initializing`` (one atomic write), then everything else is deleted,
+    and the root last (by ``zarr.open_group(mode="w")``): a store is never seen half-deleted yet complete,
+    nor as a directory of leftovers that is not a store.
+    """
+    import zarr
+
+    from dataengine.fs import url_to_fs
+
+    fs, path = url_to_fs(url, storage_options)
+    if not fs.exists(posixpath.join(path, "zarr.json")):
+        return
+    root = zarr.open_group(store=zarr_store(url, storage_options), mode="r+")
+    root.update_attributes({"state": "initializing", "complete": False})
+    for entry in fs.ls(path, detail=False):
+        if posixpath.basename(entry.rstrip("/")) != "zarr.json":
+            fs.rm(entry, recursive=True)
 
 
 def write_keys_and_metadata(store: FeatureStore, table: Any) -> dict[str, str]:

@@ -131,6 +131,38 @@ def test_existing_outputs_and_partial_writes(tmp_path):
     assert remove_partial_writes(str(tmp_path / "s.zarr")) == 1 and not leftover.exists()
 
 
+def test_a_kill_at_any_point_of_a_store_creation_leaves_a_store_a_rerun_recreates(tmp_path, monkeypatch):
+    # Killed inside the first root write: only zarr's temporary is there, which counts as nothing.
+    (tmp_path / "fresh.zarr").mkdir()
+    (tmp_path / "fresh.zarr" / f"zarr.json.{'cd' * 16}.partial").write_text("{")
+    assert inspect_existing(str(tmp_path / "fresh.zarr")) is None
+    # The root is written once with its attributes: no moment where it exists without the format.
+    _new_store(tmp_path / "s.zarr")
+    assert inspect_existing(str(tmp_path / "s.zarr"))["format"]
+    # Replacing a complete store, killed while its arrays are deleted: the root already says initializing.
+    store, _ = _new_store(tmp_path / "s.zarr")
+    store.write_attrs("", {"state": "complete", "complete": True})
+    from fsspec.implementations.local import LocalFileSystem
+
+    rm = LocalFileSystem.rm
+    calls = []
+
+    def killed_on_the_second_delete(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return rm(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "rm", killed_on_the_second_delete)
+    with pytest.raises(KeyboardInterrupt):
+        _new_store(tmp_path / "s.zarr")
+    monkeypatch.setattr(LocalFileSystem, "rm", rm)
+    left = inspect_existing(str(tmp_path / "s.zarr"))
+    assert left["state"] == "initializing" and left["complete"] is False
+    _new_store(tmp_path / "s.zarr")
+    assert sorted(os.listdir(tmp_path / "s.zarr")) == ["features", "progress", "valid", "zarr.json"]
+
+
 def test_default_chunks_of_generic_arrays_are_megabytes():
     from dataengine.store import _default_chunks
 
