@@ -278,9 +278,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(), "elapsed": self.elapsed,
             "metrics": json.dumps(self.metrics), "config": json.dumps(self.config.to_dict()),
         }
-        tmp = self.checkpoint_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        _save_atomic(state, self.checkpoint_path)
 
     def _resume(self) -> bool:
         if not os.path.exists(self.checkpoint_path):
@@ -325,8 +323,8 @@ class Trainer:
         if checkpoint is None:
             checkpoint = os.path.join(self.config.out, f"backbone-{name}.pt")
             if self.rank == 0:
-                torch.save({"arch": self.config.arch, "sobel": self.config.sobel,
-                            "backbone": self.network.backbone.state_dict()}, checkpoint)
+                _save_atomic({"arch": self.config.arch, "sobel": self.config.sobel,
+                              "backbone": self.network.backbone.state_dict()}, checkpoint)
             _barrier()
         store = self._store_url(name)
         run_embed(EmbedConfig(shards=self.config.shards, out=store, checkpoint=checkpoint,
@@ -473,6 +471,13 @@ class Trainer:
             with open(os.path.join(self.config.out, "metrics.jsonl"), "a") as handle:
                 handle.write(json.dumps(record, sort_keys=True, default=float) + "\n")
             logger.info("epoch %d: %s", record["epoch"], {k: v for k, v in record.items() if k != "clustering"})
+
+
+def _save_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary then rename: a kill never leaves a torn file under ``path``."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def process_tree_cpu_seconds() -> float:

@@ -103,6 +103,11 @@ def _train_cmd(shards: str, out) -> list[str]:
             "--batch-size", "16", "--workers", "1", "--checkpoint-every", "2", "--threads", "1", "--json"]
 
 
+def _run_ok(cmd: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+
+
 def _weights(path) -> dict[str, torch.Tensor]:
     state = torch.load(path, weights_only=True)
     return {**state["backbone"], **{f"head.{k}": v for k, v in state["head"].items()}}
@@ -110,7 +115,7 @@ def _weights(path) -> dict[str, torch.Tensor]:
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(shards, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(_train_cmd(shards, tmp_path / "ref"), check=True, env=env, capture_output=True)
+    _run_ok(_train_cmd(shards, tmp_path / "ref"), env)
     proc = subprocess.Popen(_train_cmd(shards, tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "cut" / "checkpoint.pt"
@@ -123,12 +128,38 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(shards, tmp_path)
     proc.wait()
     state = torch.load(checkpoint, weights_only=True)
     assert state["epoch"] < 2, "the kill should land before the run ends"
-    subprocess.run(_train_cmd(shards, tmp_path / "cut"), check=True, env=env, capture_output=True)
+    _run_ok(_train_cmd(shards, tmp_path / "cut"), env)
     reference, resumed = _weights(tmp_path / "ref" / "checkpoint.pt"), _weights(checkpoint)
     assert reference.keys() == resumed.keys()
     for name in reference:
         assert torch.equal(reference[name], resumed[name]), name
 
+
+
+def test_a_crash_inside_a_reclustering_resumes_to_the_uninterrupted_run(shards, tmp_path, monkeypatch):
+    """Killed after the epoch-1 embedding finished, before its clustering: the resume re-saves the same backbone
+    (other file bytes: torch.save writes a fresh serialization id) and must reuse that feature store."""
+    import dataengine.cluster
+
+    reference = run_train(_config(shards, tmp_path / "ref"))
+    run_cluster = dataengine.cluster.run_cluster
+
+    def crash_at_epoch1(config, **kwargs):
+        if config.name == "epoch001":
+            raise RuntimeError("simulated kill")
+        return run_cluster(config, **kwargs)
+
+    monkeypatch.setattr(dataengine.cluster, "run_cluster", crash_at_epoch1)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_train(_config(shards, tmp_path / "cut"))
+    assert json.loads((tmp_path / "cut" / "features" / "epoch001" / "zarr.json").read_text())[
+        "attributes"]["state"] == "complete"
+    monkeypatch.setattr(dataengine.cluster, "run_cluster", run_cluster)
+    resumed = run_train(_config(shards, tmp_path / "cut"))
+    expected, got = _weights(reference.checkpoint), _weights(resumed.checkpoint)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
 
 
 def _rank_main(rank: int, world_size: int, port: int, config: TrainConfig) -> None:
