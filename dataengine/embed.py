@@ -454,7 +454,9 @@ def _build_model(config: EmbedConfig) -> _Model:
             raise ValueError(f"model {config.model} differs from the checkpoint's architecture {backbone.arch}")
         if config.sobel and not backbone.has_sobel:
             raise ValueError("sobel=True, but the checkpoint's backbone has no Sobel layer")
-        checkpoint = _file_digest(models.checkpoint_file(config.checkpoint))
+        # The weights, not the file: a checkpoint re-saved with other optimizer state embeds the same.
+        checkpoint = {"name": os.path.basename(models.checkpoint_file(config.checkpoint).rstrip("/")),
+                      "weights_sha256": models.weights_digest(backbone)}
     else:
         backbone, _ = models.build_backbone(config.model or "resnet18", config.sobel)
         if config.weights:

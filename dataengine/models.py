@@ -35,6 +35,7 @@ Any missing, unexpected or wrongly shaped tensor raises :class:`WeightsMismatchE
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any
@@ -228,6 +229,16 @@ def load_checkpoint(path: str) -> Backbone:
     backbone, _ = build_backbone(arch, sobel)
     _load_exact(backbone, state, path)
     return backbone
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's weights (names, dtypes, shapes and values), independent of the file they came from
+    (a trainer checkpoint also holds optimizer state, epoch and metrics, which change what it hashes to)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _load_exact(backbone: Backbone, state: dict[str, torch.Tensor], path: str) -> None:

@@ -335,6 +335,28 @@ def test_corrupt_and_missing_samples_are_recorded_and_the_run_continues(tmp_path
 # ------------------------------------------------------------------------------------------ config
 
 
+def test_a_checkpoint_is_identified_by_its_weights_not_its_file(ingested, tmp_path):
+    """A trainer checkpoint re-saved with the same backbone but other state (optimizer, epoch, metrics) embeds
+    the same features: its store resumes; other weights are another configuration."""
+    from dataengine.models import build_backbone
+
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("small", True)
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    torch.save({"arch": "small", "sobel": True, "backbone": backbone.state_dict(), "epoch": 1}, checkpoint)
+    config = dict(SMALL, model=None)
+    out = str(tmp_path / "s.zarr")
+    first = run_embed(EmbedConfig(shards=ingested, out=out, checkpoint=checkpoint, **config))
+    torch.save({"arch": "small", "sobel": True, "backbone": backbone.state_dict(), "epoch": 2}, checkpoint)
+    again = run_embed(EmbedConfig(shards=ingested, out=out, checkpoint=checkpoint, **config))
+    assert again.resumed_blocks == again.num_blocks == first.num_blocks
+    with torch.no_grad():
+        next(backbone.parameters()).add_(1.0)
+    torch.save({"arch": "small", "sobel": True, "backbone": backbone.state_dict(), "epoch": 2}, checkpoint)
+    with pytest.raises(OutputExistsError, match="another configuration"):
+        run_embed(EmbedConfig(shards=ingested, out=out, checkpoint=checkpoint, **config))
+
+
 def test_rerun_mismatch_overwrite_sharding_and_validation(ingested, tmp_path):
     out = str(tmp_path / "s.zarr")
     first = run_embed(EmbedConfig(shards=ingested, out=out, **SMALL))
