@@ -8,7 +8,6 @@ and label problems are refused before anything is embedded.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import subprocess
 import sys
@@ -108,7 +107,9 @@ def test_cli_checkpoint_equals_the_same_weights_in_process(splits, tmp_path):
     for key in ("linear_top1", "knn_top1", "linear_train_top1", "num_train", "num_test", "num_classes"):
         assert summary[key] == getattr(in_process, key), key
     # The checkpoint was the one loaded (its digest is recorded), and its features are the in-process ones.
-    assert summary["model"]["checkpoint"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    from dataengine.models import weights_digest
+
+    assert summary["model"]["checkpoint"] == {"name": "ckpt.pt", "weights_sha256": weights_digest(backbone)}
     for split in ("train", "test"):
         from_file = open_store(str(tmp_path / "cli" / "features" / split)).features[:]
         built = open_store(str(tmp_path / "mem" / "features" / split)).features[:]
