@@ -13,13 +13,18 @@ machine wall time mostly measures the other tenants (a job that needs less CPU c
 fewer runnable processes to claim a share with), while on two cores the CPU a command burns per image is what
 decides its rate on a quiet machine. The CPU ratio is kernel program CPU / ingest CPU.
 
-Usage: python tools/bench_ingest.py [--tar ../shared/data/imagenette2-train-4k.tar] [--repeats 3]
+With ``--scale N`` both run on a tar holding every photo N times under distinct names (ingest with
+``--keep-duplicates``, so that both decode and encode every copy): the fixed costs of a command (interpreter,
+CLI and pyarrow imports, the final merge) weigh N times less, which shows the per-image ratio.
+
+Usage: python tools/bench_ingest.py [--tar ../shared/data/imagenette2-train-4k.tar] [--repeats 3] [--scale 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -93,13 +98,28 @@ def kernel_program_rate(tar_path: str, workers: int, image_size: int, quality: i
     return int(result.stdout.strip()) / (time.perf_counter() - start), _children_cpu() - cpu
 
 
+def scaled_tar(tar_path: str, scale: int, scratch: str) -> str:
+    """A tar with every file of ``tar_path`` ``scale`` times, under ``copy<i>/`` prefixes."""
+    path = os.path.join(scratch, f"scaled-{scale}.tar")
+    with tarfile.open(tar_path) as source, tarfile.open(path, "w") as target:
+        members = [(m, source.extractfile(m).read()) for m in source if m.isfile()]
+        for copy in range(scale):
+            for member, data in members:
+                info = tarfile.TarInfo(f"copy{copy}/{member.name}")
+                info.size = len(data)
+                target.addfile(info, io.BytesIO(data))
+    return path
+
+
 def ingest_rate(tar_path: str, workers: int, image_size: int, quality: int,
-                scratch: str) -> tuple[float, float, dict]:
+                scratch: str, keep_duplicates: bool = False) -> tuple[float, float, dict]:
     """Images/s of ``dataengine ingest`` from the shell (wall time of the whole command), its CPU seconds."""
     out = os.path.join(scratch, "out")
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "dataengine.cli", "--quiet", "ingest", "--images", tar_path, "--out", out,
                "--workers", str(workers), "--image-size", str(image_size), "--quality", str(quality), "--json"]
+    if keep_duplicates:
+        command.append("--keep-duplicates")
     cpu, start = _children_cpu(), time.perf_counter()
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -120,20 +140,24 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--quality", type=int, default=90)
+    parser.add_argument("--scale", type=int, default=1, help="Run on a tar with every photo this many times.")
     args = parser.parse_args()
     if not os.path.exists(args.tar):
         sys.exit(f"{args.tar} not found (see ../shared/data/README.md)")
     blobs = read_members(args.tar)
-    print(f"{len(blobs)} images from {os.path.basename(args.tar)}, {args.workers} workers, "
-          f"image_size={args.image_size}, repeats={args.repeats}")
+    print(f"{len(blobs) * args.scale} images from {os.path.basename(args.tar)} (x{args.scale}), {args.workers} "
+          f"workers, image_size={args.image_size}, repeats={args.repeats}")
     kernels, programs, ingests, starts, program_cpus, ingest_cpus = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
+        tar = scaled_tar(args.tar, args.scale, scratch) if args.scale > 1 else args.tar
+        blobs *= args.scale
         for repeat in range(args.repeats):
             kernels.append(kernel_rate(blobs, args.workers, args.image_size, args.quality))
-            rate, cpu = kernel_program_rate(args.tar, args.workers, args.image_size, args.quality, scratch)
+            rate, cpu = kernel_program_rate(tar, args.workers, args.image_size, args.quality, scratch)
             programs.append(rate)
             program_cpus.append(cpu)
-            rate, cpu, summary = ingest_rate(args.tar, args.workers, args.image_size, args.quality, scratch)
+            rate, cpu, summary = ingest_rate(tar, args.workers, args.image_size, args.quality, scratch,
+                                             keep_duplicates=args.scale > 1)
             ingests.append(rate)
             ingest_cpus.append(cpu)
             starts.append(startup_seconds())
