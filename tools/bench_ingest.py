@@ -77,6 +77,14 @@ if __name__ == "__main__":
 """
 
 
+def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run a measured command; on failure, stop with its stderr (a benchmark must not hide a crash)."""
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if result.returncode:
+        sys.exit(f"{' '.join(command)} failed with exit status {result.returncode}:\n{result.stderr[-8000:]}")
+    return result
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -93,8 +101,7 @@ def kernel_program_rate(tar_path: str, workers: int, image_size: int, quality: i
     with open(program, "w") as handle:
         handle.write(KERNEL_PROGRAM)
     cpu, start = _children_cpu(), time.perf_counter()
-    result = subprocess.run([sys.executable, program, tar_path, str(workers), str(image_size), str(quality)],
-                            check=True, capture_output=True, text=True, cwd=scratch)
+    result = _run([sys.executable, program, tar_path, str(workers), str(image_size), str(quality)], cwd=scratch)
     return int(result.stdout.strip()) / (time.perf_counter() - start), _children_cpu() - cpu
 
 
@@ -121,7 +128,7 @@ def ingest_rate(tar_path: str, workers: int, image_size: int, quality: int,
     if keep_duplicates:
         command.append("--keep-duplicates")
     cpu, start = _children_cpu(), time.perf_counter()
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    result = _run(command)
     seconds = time.perf_counter() - start
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     return summary["counts"]["ok"] / seconds, _children_cpu() - cpu, summary
@@ -129,7 +136,7 @@ def ingest_rate(tar_path: str, workers: int, image_size: int, quality: int,
 
 def startup_seconds() -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dataengine.cli", "ingest", "--help"], check=True, capture_output=True)
+    _run([sys.executable, "-m", "dataengine.cli", "ingest", "--help"])
     return time.perf_counter() - start
 
 
