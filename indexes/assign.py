@@ -10,7 +10,7 @@ a faiss flat index (GPU when faiss sees one).
 
 After each block's GEMM and argmin, one compiled pass (:mod:`indexes.kernels`, numba) computes the squared
 distances and adds the rows to the per-cluster sums while the block is in the cache: at k = 256, d = 128
-this took the assignment from 0.64 to 0.71 of the SGEMM rate (numpy and torch needed 0.6 ms of separate
+this took the assignment from 0.64 to 0.71-0.76 of the SGEMM rate (numpy and torch needed 0.6 ms of separate
 passes per 2048 rows next to a 1.5 ms GEMM; the compiled pass takes 0.06 ms).
 
 The per-cluster sums are accumulated in float64: each task adds its rows, in row order, into a float64
