@@ -70,12 +70,18 @@ def test_bad_configs_are_refused(shards, tmp_path):
 
 @pytest.mark.parametrize("clock", ["wall", "cpu"])
 def test_time_budget_stops_the_run_and_counts_across_resumes(shards, tmp_path, clock):
-    config = _config(shards, tmp_path / clock, mode="rotnet", epochs=500, time_budget=2.0, budget_clock=clock)
-    first = run_train(config)
-    state = torch.load(first.checkpoint, weights_only=True)
-    assert 0 < first.epochs < 500 and state["elapsed"] >= 2.0
-    again = run_train(config)  # the budget is spent: a resume trains no further
-    assert (again.epochs, again.steps) == (first.epochs, first.steps)
+    # Through the CLI, each run in its own process: the CPU clock counts every thread of the process, and
+    # pytest's process carries the threads of earlier tests (servers, thread pools).
+    command = [sys.executable, "-m", "dataengine.cli", "--quiet", "train", shards, "--out", str(tmp_path / clock),
+               "--mode", "rotnet", "--arch", "small", "--image-size", "32", "--epochs", "500", "--batch-size", "16",
+               "--workers", "0", "--threads", "1", "--checkpoint-every", "3", "--time-budget", "2",
+               "--budget-clock", clock, "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = json.loads(_run_ok(command, env).splitlines()[-1])
+    state = torch.load(first["checkpoint"], weights_only=True)
+    assert 0 < first["epochs"] < 500 and state["elapsed"] >= 2.0, (first, state["elapsed"])
+    again = json.loads(_run_ok(command, env).splitlines()[-1])  # the budget is spent: a resume trains no further
+    assert (again["epochs"], again["steps"]) == (first["epochs"], first["steps"])
     with pytest.raises(ValueError, match="budget_clock"):
         _config(shards, tmp_path, budget_clock="gpu")
 
@@ -103,9 +109,11 @@ def _train_cmd(shards: str, out) -> list[str]:
             "--batch-size", "16", "--workers", "1", "--checkpoint-every", "2", "--threads", "1", "--json"]
 
 
-def _run_ok(cmd: list[str], env: dict[str, str]) -> None:
+def _run_ok(cmd: list[str], env: dict[str, str]) -> str:
+    """Run a command that must succeed; its stdout (its stderr is shown if it fails)."""
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done.stdout
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
