@@ -17,8 +17,6 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 app = typer.Typer(
     name="dataengine",
@@ -57,6 +55,8 @@ def emit_summary(summary: dict[str, Any], as_json: bool) -> None:
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     """Print a small rich table to the console (stderr)."""
+    from rich.table import Table  # here, not at import: rich.table and rich.progress cost ~10 ms of start-up
+
     table = Table(title=title)
     for column in columns:
         table.add_column(column, justify="right" if column != columns[0] else "left")
@@ -68,6 +68,8 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
     """Yield a callback ``update(advance=1, total=None, description=None)`` driving a rich progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
