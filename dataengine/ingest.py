@@ -41,6 +41,7 @@ from dataengine.images import (DEFAULT_MAX_PIXELS, ImageRejected, normalize_imag
                                reuse_image_buffers)
 from dataengine.metadata_table import meta_schema, rows_to_parquet_bytes
 from dataengine.sources import Fetcher, Row, iter_rows
+from dataengine.workers import OrderedWorkers
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -228,6 +229,10 @@ def _process_block(rows: list[Row], slot: int = -1) -> list[tuple]:
     return samples
 
 
+def _process_task(task: tuple[list[Row], int]) -> list[tuple]:
+    return _process_block(*task)
+
+
 def _ordered_results(config: IngestConfig, blocks: Iterable[list[Row]]) -> Iterator[list[Sample]]:
     """Process blocks on a worker pool, yielding results in input order with bounded look-ahead.
 
@@ -259,8 +264,8 @@ def _ordered_results(config: IngestConfig, blocks: Iterable[list[Row]]) -> Itera
     view = memoryview(arena) if arena is not None else None
     handed_out: list[memoryview] = []
 
-    def collect(result: Any) -> list[Sample]:
-        samples = [Sample(*fields) for fields in result.get()]
+    def collect(result: list[tuple]) -> list[Sample]:
+        samples = [Sample(*fields) for fields in result]
         if view is not None:
             for sample in samples:
                 if type(sample.member) is tuple:
@@ -274,20 +279,14 @@ def _ordered_results(config: IngestConfig, blocks: Iterable[list[Row]]) -> Itera
             member.release()
         handed_out.clear()
 
+    tasks = ((block, sequence % in_flight if arena is not None else -1) for sequence, block in enumerate(blocks))
     try:
-        with context.Pool(config.workers, initializer=_init_pool_worker,
-                          initargs=(config, arena, slot_size if arena is not None else 0)) as pool:
-            pending: collections.deque = collections.deque()
-            for sequence, block in enumerate(blocks):
-                # Slots are reused round-robin: block `sequence` takes the slot of block `sequence - in_flight`,
-                # which was consumed (the generator only runs again once the caller is done with it).
-                slot = sequence % in_flight if arena is not None else -1
-                pending.append(pool.apply_async(_process_block, (block, slot)))
-                if len(pending) >= in_flight:
-                    yield collect(pending.popleft())
-                    release()
-            while pending:
-                yield collect(pending.popleft())
+        with OrderedWorkers(context, config.workers, _process_task, initializer=_init_pool_worker,
+                            initargs=(config, arena, slot_size if arena is not None else 0)) as workers:
+            # Slots are reused round-robin: block `sequence` takes the slot of block `sequence - in_flight`, which
+            # was consumed (imap submits it only once the caller has asked for the next result).
+            for result in workers.imap(tasks, ahead=in_flight):
+                yield collect(result)
                 release()
     finally:
         release()
