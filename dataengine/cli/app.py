@@ -67,7 +67,14 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
-    """Yield a callback ``update(advance=1, total=None, description=None)`` driving a rich progress bar."""
+    """Yield a callback ``update(advance=1, total=None, description=None)`` driving a rich progress bar.
+
+    Without a terminal (scripts, CI, logs) there is no bar to draw: the callback does nothing, and rich.progress
+    is not even imported (0.03 CPU-s, taken from the workers of a short ingest).
+    """
+    if not console.is_terminal:
+        yield lambda advance=1, total=None, description=None: None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [

@@ -19,8 +19,11 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
     """Generate the synthetic YFCC-like corpus and run the pipeline on it, printing a summary."""
+    from dataengine.cli import load_plugins
     from dataengine.demo import DemoConfig, run_demo
     from dataengine.errors import DataEngineError
+
+    load_plugins()  # their stages (the trainer's) run after the report
 
     try:
         config = DemoConfig(out=out, num_images=num_images, seed=seed,
