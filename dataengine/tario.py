@@ -15,6 +15,7 @@ ends inside a member, the errors :mod:`tarfile` itself raises, so callers keep o
 
 from __future__ import annotations
 
+import os
 import tarfile
 from collections.abc import Iterator
 from typing import IO
@@ -42,17 +43,25 @@ def _check(header: bytes) -> None:
         raise tarfile.ReadError("bad checksum in a tar header (corrupt or not a tar)")
 
 
+def _parse(header: bytes) -> tuple[int, bytes] | None:
+    """``(member size, type flag)`` of a checked header block; ``None`` at the end of the archive."""
+    if not header or header == _ZERO_BLOCK:
+        return None
+    if len(header) < BLOCK:
+        raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
+    _check(header)
+    return _number(header[124:136]), header[156:157]
+
+
 def _headers(stream: IO[bytes]) -> Iterator[tuple[bytes, int, bytes]]:
     """``(header block, member size, type flag)`` of each checked header read from ``stream``, until the end
     of the archive; the caller moves ``stream`` past each member's data before asking for the next."""
     while True:
         header = stream.read(BLOCK)
-        if not header or header == _ZERO_BLOCK:
+        parsed = _parse(header)
+        if parsed is None:
             return
-        if len(header) < BLOCK:
-            raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
-        _check(header)
-        yield header, _number(header[124:136]), header[156:157]
+        yield header, *parsed
 
 
 def _extended_name(data: bytes, kind: bytes) -> str | None:
@@ -99,16 +108,29 @@ def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
 
 
 def scan_tar(path: str) -> Iterator[tuple[str, int, int]]:
-    """``(name, data offset, size)`` of the regular files of a local tar, reading only the headers."""
+    """``(name, data offset, size)`` of the regular files of a local tar, reading only the headers.
+
+    One ``pread`` per header: a buffered file that seeks past each member refills its buffer at every header
+    (30% slower on 4,000 photos).
+    """
     long_name: str | None = None
-    with open(path, "rb") as handle:
-        for header, size, kind in _headers(handle):
-            data_offset = handle.tell()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while True:
+            header = os.pread(fd, BLOCK, offset)
+            parsed = _parse(header)
+            if parsed is None:
+                return
+            size, kind = parsed
+            offset += BLOCK
             if kind in _EXTENDED:
-                long_name = _extended_name(handle.read(size), kind) or long_name
+                long_name = _extended_name(os.pread(fd, size, offset), kind) or long_name
             elif kind in _REGULAR:
-                yield _name(header, long_name), data_offset, size
+                yield _name(header, long_name), offset, size
                 long_name = None
             else:
                 long_name = None
-            handle.seek(data_offset + size + (-size % BLOCK))
+            offset += size + (-size % BLOCK)
+    finally:
+        os.close(fd)
