@@ -18,11 +18,19 @@ compiles at install time). Without that, a workplace that sets PYTHONDONTWRITEBY
 install recompiles every module at every start: ~25 ms more for the CLI's dozen modules than for the kernel
 program's one, which measures the environment rather than the command.
 
+Memory layout moves both programs by up to ~10%, by accident: the spelling of the tar's path
+(``a/../a/x.tar`` against ``a/x.tar``) and whether imported modules had to be compiled change the heap that
+the forked workers inherit, and with it how fast they decode (measured: the same kernel program 2.45 or 2.85
+CPU-s depending only on stale bytecode of an identical module). So the repeats cycle through ``--layouts``
+equivalent spellings of the tar's path, both programs using the same one in a round, and alternate which
+program runs first; medians are over all repeats, and the per-spelling medians are printed to show the spread.
+
 With ``--scale N`` both run on a tar holding every photo N times under distinct names (ingest with
 ``--keep-duplicates``, so that both decode and encode every copy): the fixed costs of a command (interpreter,
 CLI and pyarrow imports, the final merge) weigh N times less, which shows the per-image ratio.
 
-Usage: python tools/bench_ingest.py [--tar ../shared/data/imagenette2-train-4k.tar] [--repeats 3] [--scale 1]
+Usage: python tools/bench_ingest.py [--tar ../shared/data/imagenette2-train-4k.tar] [--repeats 8] [--layouts 4]
+                                   [--scale 1]
 """
 
 from __future__ import annotations
@@ -82,6 +90,14 @@ if __name__ == "__main__":
         done = sum(1 for _ in pool.imap_unordered(kernel, [(b, size, quality) for b in blobs], chunksize=32))
     print(done)
 """
+
+
+def path_spellings(path: str, count: int) -> list[str]:
+    """``count`` equivalent spellings of ``path`` (plain, ``/./``, ``/../<folder>/``, ``//``), for layouts."""
+    folder, name = os.path.split(os.path.abspath(path))
+    spellings = [os.path.join(folder, name), os.path.join(folder, ".", name),
+                 os.path.join(folder, "..", os.path.basename(folder), name), folder + "//" + name]
+    return spellings[: max(1, min(count, len(spellings)))]
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -151,7 +167,8 @@ def startup_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tar", default=DEFAULT_TAR)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--layouts", type=int, default=4, help="Spellings of the tar's path to cycle through (1-4).")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--quality", type=int, default=90)
@@ -165,22 +182,31 @@ def main() -> None:
     print(f"{len(blobs) * args.scale} images from {os.path.basename(args.tar)} (x{args.scale}), {args.workers} "
           f"workers, image_size={args.image_size}, repeats={args.repeats}")
     kernels, programs, ingests, starts, program_cpus, ingest_cpus = [], [], [], [], [], []
+    by_layout: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         tar = scaled_tar(args.tar, args.scale, scratch) if args.scale > 1 else args.tar
+        spellings = path_spellings(tar, args.layouts)
         blobs *= args.scale
         for repeat in range(args.repeats):
+            spelling = spellings[repeat % len(spellings)]
             kernels.append(kernel_rate(blobs, args.workers, args.image_size, args.quality))
-            rate, cpu = kernel_program_rate(tar, args.workers, args.image_size, args.quality, scratch)
-            programs.append(rate)
-            program_cpus.append(cpu)
-            rate, cpu, summary = ingest_rate(tar, args.workers, args.image_size, args.quality, scratch,
-                                             keep_duplicates=args.scale > 1)
-            ingests.append(rate)
-            ingest_cpus.append(cpu)
+            for which in ("program", "ingest") if repeat % 2 == 0 else ("ingest", "program"):
+                if which == "program":
+                    rate, cpu = kernel_program_rate(spelling, args.workers, args.image_size, args.quality, scratch)
+                    programs.append(rate)
+                    program_cpus.append(cpu)
+                else:
+                    rate, cpu, summary = ingest_rate(spelling, args.workers, args.image_size, args.quality, scratch,
+                                                     keep_duplicates=args.scale > 1)
+                    ingests.append(rate)
+                    ingest_cpus.append(cpu)
+            by_layout.setdefault(spelling, []).append(ingests[-1] / programs[-1])
             starts.append(startup_seconds())
-            print(f"  run {repeat}: kernel warm pool {kernels[-1]:.1f} img/s, kernel program {programs[-1]:.1f} "
-                  f"img/s ({program_cpus[-1]:.2f} CPU-s), ingest {rate:.1f} img/s ({cpu:.2f} CPU-s; "
-                  f"ok={summary['counts']['ok']}, shards={summary['num_shards']})")
+            print(f"  run {repeat} ({spelling}): kernel warm pool {kernels[-1]:.1f} img/s, kernel program "
+                  f"{programs[-1]:.1f} img/s ({program_cpus[-1]:.2f} CPU-s), ingest {ingests[-1]:.1f} img/s "
+                  f"({ingest_cpus[-1]:.2f} CPU-s; ok={summary['counts']['ok']}, shards={summary['num_shards']})")
+    for spelling, ratios in by_layout.items():
+        print(f"  ratio with {spelling}: median {statistics.median(ratios):.3f} over {len(ratios)} runs")
     kernel, program, ingest = (statistics.median(v) for v in (kernels, programs, ingests))
     print(f"kernel, warm pool (compute ceiling): {kernel:8.1f} images/s ({kernel / args.workers:.1f} per core)")
     print(f"kernel, whole program from shell   : {program:8.1f} images/s ({program / args.workers:.1f} per core)")
