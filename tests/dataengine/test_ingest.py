@@ -423,6 +423,56 @@ def test_shared_arena_and_pickled_members_give_identical_output(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+_DEAD_WORKER_CHECK = """
+import multiprocessing, os, signal, sys
+import dataengine.ingest as ingest
+from dataengine.workers import WorkerDiedError
+
+def files(out):
+    found = {}
+    for folder, _, names in os.walk(out):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), out)
+            if not rel.startswith(".tmp"):
+                found[rel] = open(os.path.join(folder, name), "rb").read()
+    return found
+
+root = sys.argv[1]
+original = ingest._process_block
+
+def dying(rows, slot=-1):  # the worker that gets row 20 is killed, once (an out-of-memory kill, say)
+    if any(row.index == 20 for row in rows) and not os.path.exists(f"{root}/died"):
+        open(f"{root}/died", "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(rows, slot)
+
+def config(out):
+    return ingest.IngestConfig(images=f"{root}/imgs", out=f"{root}/{out}", workers=2, shard_size=7, block_rows=2)
+
+ingest.run_ingest(config("ref"))
+ingest._process_block = dying
+try:
+    ingest.run_ingest(config("out"))
+except WorkerDiedError as exc:
+    assert "SIGKILL" in str(exc), exc
+else:
+    raise AssertionError("the killed worker went unnoticed")
+assert not multiprocessing.active_children()
+assert os.path.exists(f"{root}/out/stats") and not os.path.exists(f"{root}/out/manifest.json")
+result = ingest.run_ingest(config("out"))  # the same command again resumes
+assert result.resumed_shards >= 1, result
+assert files(f"{root}/out") == files(f"{root}/ref"), "the resumed output differs from an uninterrupted run"
+print("ok")
+"""
+
+
+def test_a_killed_worker_stops_the_run_which_then_resumes_to_identical_output(tmp_path):
+    make_folder(tmp_path / "imgs", num_per_class=12, classes=("a", "b", "c"))
+    result = subprocess.run([sys.executable, "-c", _DEAD_WORKER_CHECK, str(tmp_path)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def test_tar_readers_reject_corrupt_headers_and_truncated_members(tmp_path):
     from dataengine.tario import iter_members, scan_tar
 
