@@ -54,10 +54,9 @@ def _worker_main(tasks: Connection, tasks_lock: Any, results: Connection, functi
     while True:
         try:
             with tasks_lock:  # one reader at a time on the shared task pipe
-                data = tasks.recv_bytes()
+                item = tasks.recv()
         except EOFError:  # the parent is gone
             return
-        item = pickle.loads(data)
         if item is None:
             break
         sequence, task = item

@@ -365,10 +365,9 @@ def _noise_jpeg(seed: int, size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-_ARENA_CHECK = """
-import os, sys, threading
-from dataengine.ingest import IngestConfig, _blocks, _ordered_results, run_ingest
-from dataengine.sources import iter_rows
+# Every file of an ingest output but its scratch folder, for scripts run in a fresh interpreter.
+_FILES = """
+import os
 
 def files(out):
     found = {}
@@ -378,6 +377,12 @@ def files(out):
             if not rel.startswith(".tmp"):
                 found[rel] = open(os.path.join(folder, name), "rb").read()
     return found
+"""
+
+_ARENA_CHECK = _FILES + """
+import os, sys, threading
+from dataengine.ingest import IngestConfig, _blocks, _ordered_results, run_ingest
+from dataengine.sources import iter_rows
 
 root = sys.argv[1]
 assert threading.active_count() == 1  # fork, hence the shared arena
@@ -423,19 +428,10 @@ def test_shared_arena_and_pickled_members_give_identical_output(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
-_DEAD_WORKER_CHECK = """
+_DEAD_WORKER_CHECK = _FILES + """
 import multiprocessing, os, signal, sys
 import dataengine.ingest as ingest
 from dataengine.workers import WorkerDiedError
-
-def files(out):
-    found = {}
-    for folder, _, names in os.walk(out):
-        for name in names:
-            rel = os.path.relpath(os.path.join(folder, name), out)
-            if not rel.startswith(".tmp"):
-                found[rel] = open(os.path.join(folder, name), "rb").read()
-    return found
 
 root = sys.argv[1]
 original = ingest._process_block
