@@ -1,6 +1,6 @@
 """What the training loop logs about each re-clustering: NMI against metadata and against the last one.
 
-Reuses the report stage's readers (:class:`dataengine.report.StoreLabels`) and the streaming NMI of
+Reuses the report stage's readers (:class:`dataengine.metrics.store_labels.StoreLabels`) and the streaming NMI of
 :mod:`dataengine.metrics`, on the leaf level of the clustering.
 """
 
@@ -10,13 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from dataengine.metrics import metadata_nmi, nmi_score
-from dataengine.report import StoreLabels, row_blocks
+from dataengine.metrics import finite_or_none, metadata_nmi, nmi_score
+from dataengine.metrics.store_labels import StoreLabels, row_blocks
 from dataengine.store import open_store
-
-
-def _finite(value: float) -> float | None:
-    return None if value is None or not np.isfinite(value) else float(value)
 
 
 def _leaf(store: Any, name: str) -> np.ndarray:
@@ -36,11 +32,11 @@ def clustering_nmi(store_url: str, name: str, previous_url: str | None = None,
     parts = [labels.block(start, end) for start, end in blocks]
     by_kind = {kind: np.concatenate([part[kind] for part in parts]) for kind in labels.kinds}
     results = metadata_nmi(clusters, by_kind)
-    summary: dict[str, Any] = {"nmi": {kind: {"nmi": _finite(r.nmi), "chance": _finite(r.chance_nmi),
+    summary: dict[str, Any] = {"nmi": {kind: {"nmi": finite_or_none(r.nmi), "chance": finite_or_none(r.chance_nmi),
                                               "coverage": r.coverage} for kind, r in results.items()},
                                "num_clusters": int(clusters.max(initial=-1) + 1)}
     if previous_url and previous_name:
         previous = _leaf(open_store(previous_url), previous_name)
         both = (clusters >= 0) & (previous >= 0)
-        summary["nmi_previous"] = _finite(nmi_score(clusters[both], previous[both]))
+        summary["nmi_previous"] = finite_or_none(nmi_score(clusters[both], previous[both]))
     return summary

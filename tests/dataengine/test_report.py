@@ -250,7 +250,7 @@ def test_store_labels_follow_the_metrics_encoders(tmp_path):
     """Store codes of every kind (label included) map onto the metrics encoders' partitions, in any blocks."""
     import pyarrow as pa
 
-    from dataengine.report import StoreLabels
+    from dataengine.metrics.store_labels import StoreLabels
     from dataengine.store import StoreLayout, create_store, write_keys_and_metadata
 
     table = pa.table({
