@@ -57,6 +57,20 @@ class WeightsMismatchError(ValueError):
     """A weights file or checkpoint does not fit the requested architecture."""
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device named ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (this process's current CUDA device
+    when CUDA is available, else the CPU).
+
+    Raises:
+        ValueError: a CUDA device is asked for but CUDA is not available.
+    """
+    if name == "auto":
+        name = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return torch.device(name)
+
+
 class SobelFilter(nn.Module):
     """Fixed grayscale + Sobel input layer: ``(B, 3, H, W)`` -> ``(B, 2, H, W)`` gradients."""
 

@@ -35,8 +35,8 @@ import time
 import numpy as np
 import torch
 
-from dataengine import embed
 from dataengine.embed import BatchGrid, DecodeDataset, EmbedConfig, make_loader, plan_pieces, run_embed
+from dataengine.embed import model as embed_model
 from dataengine.ingest import IngestConfig, run_ingest
 from dataengine.shards import load_shard_set
 from dataengine.store import StoreLayout, create_store, open_store
@@ -80,14 +80,14 @@ def decode_rate(shards: str, config: EmbedConfig, batch_size: int) -> float:
 def forward_rate(config: EmbedConfig, batch_size: int, seconds: float = 10.0) -> float:
     """Images/s of the model alone on random uint8 batches (for about ``seconds``), through embed's own model
     path (device, AMP and channels_last as embed resolves them; features copied back to the host)."""
-    model = embed._build_model(config)
+    model = embed_model.build_model(config)
     batch = torch.randint(0, 256, (batch_size, 3, config.image_size, config.image_size), dtype=torch.uint8)
     if model.device.type == "cuda":
         batch = batch.pin_memory()
-    embed._forward(model, batch)  # warm-up
+    embed_model.forward(model, batch)  # warm-up
     done, start = 0, time.perf_counter()
     while done < 2 or time.perf_counter() - start < seconds:
-        embed._forward(model, batch)
+        embed_model.forward(model, batch)
         done += 1
     return done * batch_size / (time.perf_counter() - start)
 
@@ -114,7 +114,8 @@ def bench_case(name: str, shards: str, arch: str, image_size: int, resize_size: 
     n = load_shard_set(shards).num_samples
     print(f"\n{name}: {arch} at {image_size} (resize {resize_size}), {n} images, {workers} workers, "
           f"{torch.get_num_threads()} torch threads")
-    auto_batch = embed._fit_batch_size(embed._build_model(config), image_size, None)  # what run_embed will pick
+    # What run_embed will pick.
+    auto_batch = embed_model.fit_batch_size(embed_model.build_model(config), image_size, None)
     decodes, forwards, ends, ratios = [], [], [], []
     for repeat in range(repeats):
         # The end-to-end run is bracketed by two forward measurements: on a shared machine the load drifts.

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataengine.models import ARCHS
+from dataengine.models import ARCHS, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ def _model_info(store_url: str, storage_options: dict[str, Any]) -> dict[str, An
 def _classify(config: EvalConfig, train: LabelledFeatures, test: LabelledFeatures, classes: list[str],
               unseen: list[str], model: dict[str, Any]) -> EvalResult:
     """Fit and score both classifiers on the loaded splits (timings of the embedding filled in by the caller)."""
-    device = _device(config.device)
+    device = resolve_device(config.device)
     train_y, test_y = class_targets(train.labels, classes), class_targets(test.labels, classes)
     clock = time.perf_counter()
     probe = train_linear_probe(train.features, train_y, len(classes), weight_decay=config.weight_decay,
@@ -473,12 +473,6 @@ def _classify(config: EvalConfig, train: LabelledFeatures, test: LabelledFeature
         num_skipped_test=test.num_skipped, num_test_unseen=int((test_y < 0).sum()), unseen_classes=unseen,
         model=model, knn_k=config.knn_k, seconds=0.0, embed_seconds=0.0, linear_seconds=linear_seconds,
         knn_seconds=time.perf_counter() - clock, out=config.out)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _write_result(config: EvalConfig, result: EvalResult) -> None:

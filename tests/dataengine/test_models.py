@@ -128,3 +128,13 @@ def test_trainer_checkpoint_round_trip(tmp_path):
     torch.save(backbone.state_dict(), tmp_path / "plain.pt")
     with pytest.raises(WeightsMismatchError, match="not a trainer checkpoint"):
         models.load_checkpoint(str(tmp_path / "plain.pt"))
+
+
+def test_resolve_device_names_the_device_or_refuses_missing_cuda():
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert models.resolve_device("auto").type == "cuda"
+    else:
+        assert models.resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            models.resolve_device("cuda:0")
