@@ -19,6 +19,8 @@ def synth(
     min_size: int = typer.Option(64, "--min-size", help="Smallest image side in pixels."),
     max_size: int = typer.Option(128, "--max-size", help="Largest image side in pixels."),
     no_anomalies: bool = typer.Option(False, "--no-anomalies", help="No duplicate, corrupt or missing files."),
+    near_duplicates: int = typer.Option(
+        0, "--near-duplicates", help="Photos that are resized, re-encoded or cropped copies of earlier ones."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a corpus made with another config."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
@@ -30,7 +32,8 @@ def synth(
 
     try:
         config = SynthConfig(num_images=num_images, seed=seed, num_classes=num_classes, num_users=num_users,
-                             min_image_size=min_size, max_image_size=max_size, anomalies=not no_anomalies)
+                             min_image_size=min_size, max_image_size=max_size, anomalies=not no_anomalies,
+                             num_near_duplicates=near_duplicates)
         with Timer() as timer, progress_bar("synth images", total=num_images) as update:
             summary = generate_corpus(out, config, progress=update, overwrite=overwrite,
                                       storage_options=parse_storage_options(storage_options))

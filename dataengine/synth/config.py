@@ -12,6 +12,7 @@ FORMAT = "dataengine.synth"
 VERSION = 1
 ANOMALY_KINDS = ("video", "missing", "corrupt", "duplicate")
 CORRUPT_KINDS = ("truncated", "empty", "text")
+NEAR_DUPLICATE_KINDS = ("resized", "reencoded", "cropped")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +65,11 @@ class SynthConfig:
     """Rows with an undecodable file, cycling truncated JPEG, zero-byte file, text file (when ``anomalies``)."""
     num_missing: int = 2
     """Photo rows without an image file (when ``anomalies``)."""
+    num_near_duplicates: int = 0
+    """Photo rows whose image is a near-duplicate of an earlier ``ok`` row's photo of the same class: resized,
+    re-encoded at another JPEG quality or cropped (:data:`NEAR_DUPLICATE_KINDS`, in equal shares). Their bytes
+    differ from the source, so ingest keeps them (``ok``); ``near_duplicates.tsv`` lists them with their source.
+    Independent of ``anomalies``; 0 plants none and leaves every other file as it is without them."""
 
     def __post_init__(self) -> None:
         self._check_counts()
@@ -100,6 +106,9 @@ class SynthConfig:
         if self.anomalies and planted > self.num_images // 4:
             raise ValueError(f"num_duplicates + num_corrupt + num_missing = {planted} exceeds num_images // 4 = "
                              f"{self.num_images // 4}; lower them or raise num_images")
+        if not 0 <= self.num_near_duplicates <= self.num_images // 4:
+            raise ValueError(f"num_near_duplicates must be within [0, num_images // 4 = {self.num_images // 4}], "
+                             f"got {self.num_near_duplicates}")
 
     @property
     def resolved_num_users(self) -> int:
@@ -117,8 +126,15 @@ class SynthConfig:
         return counts if self.anomalies else {kind: 0 for kind in counts}
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config as a JSON-able dict."""
-        return dict(dataclasses.asdict(self), num_users=self.resolved_num_users)
+        """The resolved config as a JSON-able dict.
+
+        ``num_near_duplicates`` is left out when 0, so that a corpus without near-duplicates has the same
+        ``synth.json`` (and is recognised as the same corpus on re-run) as before the option existed.
+        """
+        resolved = dict(dataclasses.asdict(self), num_users=self.resolved_num_users)
+        if not self.num_near_duplicates:
+            del resolved["num_near_duplicates"]
+        return resolved
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +163,8 @@ class SynthSummary:
     """Wall-clock time of the generation (0 when skipped)."""
     skipped: bool = False
     """True when a complete corpus with the same config was already there."""
+    num_near_duplicates: int = 0
+    """Photo rows holding a near-duplicate of an earlier photo (listed in ``near_duplicates.tsv``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -331,7 +331,39 @@ def image_size(rng: np.random.Generator, config: SynthConfig) -> tuple[int, int]
 
 def encode_jpeg(planes: np.ndarray, quality: int) -> bytes:
     """JPEG bytes of a channel-first uint8 image."""
-    image = Image.merge("RGB", [Image.fromarray(plane, "L") for plane in planes])
+    return _save_jpeg(Image.merge("RGB", [Image.fromarray(plane, "L") for plane in planes]), quality)
+
+
+def near_duplicate_jpeg(source: bytes, kind: str, rng: np.random.Generator, quality: int) -> bytes:
+    """A near-duplicate of the JPEG ``source``, as a re-upload would make it (decoded, changed, encoded again).
+
+    Args:
+        source: the original JPEG bytes.
+        kind: ``resized`` (both sides scaled by one factor in [0.5, 0.8], bicubic), ``reencoded`` (the same
+            pixels at another quality, 15 or more away from ``quality``) or ``cropped`` (a window of 70-90% of
+            each side at a random offset).
+        rng: the generator of the factor, quality or window.
+        quality: the corpus's JPEG quality, also that of the resized and cropped copies.
+    """
+    with Image.open(io.BytesIO(source)) as opened:
+        image = opened.convert("RGB")
+    width, height = image.size
+    if kind == "resized":
+        scale = _u(rng, 0.5, 0.8)
+        size = (max(16, round(width * scale)), max(16, round(height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    elif kind == "reencoded":
+        quality = int(rng.choice([q for q in range(30, 100, 5) if abs(q - quality) >= 15]))
+    elif kind == "cropped":
+        w, h = max(16, round(width * _u(rng, 0.7, 0.9))), max(16, round(height * _u(rng, 0.7, 0.9)))
+        left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        image = image.crop((left, top, left + w, top + h))
+    else:
+        raise ValueError(f"unknown near-duplicate kind {kind!r}; expected resized, reencoded or cropped")
+    return _save_jpeg(image, quality)
+
+
+def _save_jpeg(image: Image.Image, quality: int) -> bytes:
     buffer = io.BytesIO()
     # Fixed encoder settings (no optimize/progressive, default 4:2:0 subsampling) keep the bytes reproducible.
     image.save(buffer, "JPEG", quality=quality, optimize=False, progressive=False)

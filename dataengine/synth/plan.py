@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from dataengine.synth.config import CORRUPT_KINDS, SynthConfig
+from dataengine.synth.config import CORRUPT_KINDS, NEAR_DUPLICATE_KINDS, SynthConfig
 from dataengine.synth.vocabulary import (
     CAMERAS, CITIES, CLASS_NAMES, CLASS_TAGS, LANDMARK_NAMES, NICKNAMES, NOISE_TAGS,
 )
@@ -47,6 +47,7 @@ class Plan:
     landmark: np.ndarray | None = None  # landmark index, -1 for none
     corrupt: dict[int, str] = field(default_factory=dict)  # row -> truncated / empty / text
     duplicate_of: dict[int, int] = field(default_factory=dict)  # row -> earlier ok row with the same bytes
+    near_duplicate_of: dict[int, tuple[int, str]] = field(default_factory=dict)  # row -> (earlier ok row, kind)
     users: list[User] = field(default_factory=list)
     landmarks: list[Landmark] = field(default_factory=list)
     flags: dict[str, np.ndarray] = field(default_factory=dict)  # no_tags, no_gps, no_device, bogus_date, ...
@@ -116,17 +117,41 @@ def _plant_anomalies(rng: np.random.Generator, config: SynthConfig, plan: Plan) 
     _plant_duplicates(rng, plan, planted["duplicate"])
 
 
-def _plant_duplicates(rng: np.random.Generator, plan: Plan, count: int) -> None:
-    """Duplicates copy the bytes of the first ok row of their own class, so class sizes stay exact."""
+def _first_ok_of_each_class(plan: Plan) -> np.ndarray:
+    """The first ``ok`` row of each class present among the ``ok`` rows, in class order."""
     ok = np.flatnonzero(plan.kind == "ok")
     _, first_index = np.unique(plan.cls[ok], return_index=True)
-    first = ok[first_index]
+    return ok[first_index]
+
+
+def _plant_duplicates(rng: np.random.Generator, plan: Plan, count: int) -> None:
+    """Duplicates copy the bytes of the first ok row of their own class, so class sizes stay exact."""
+    ok, first = np.flatnonzero(plan.kind == "ok"), _first_ok_of_each_class(plan)
     source_of_class = dict(zip(plan.cls[first].tolist(), first.tolist()))
     # Enough candidates: validation keeps anomalies <= num_images / 4 and classes <= num_images / 2.
     for row in _choose(rng, np.setdiff1d(ok, first), count):
         plan.kind[row] = "duplicate"
         plan.duplicate_of[int(row)] = source_of_class[int(plan.cls[row])]
     assert len(plan.duplicate_of) == count, "SynthConfig validation guarantees enough candidate rows"
+
+
+def _plant_near_duplicates(config: SynthConfig, plan: Plan) -> None:
+    """Near-duplicates: ``ok`` rows whose image will be derived from an earlier ``ok`` row of the same class.
+
+    They come from a generator of their own, after everything else, so that the rest of the plan (and so every
+    other file) is the same with or without them. A source is never itself a near-duplicate.
+    """
+    if not config.num_near_duplicates:
+        return
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 3]))
+    ok, first = np.flatnonzero(plan.kind == "ok"), _first_ok_of_each_class(plan)
+    rows = _choose(rng, np.setdiff1d(ok, first), config.num_near_duplicates)
+    assert len(rows) == config.num_near_duplicates, "SynthConfig validation guarantees enough candidate rows"
+    kinds = rng.permutation(np.resize(np.array(NEAR_DUPLICATE_KINDS), len(rows)))
+    sources = np.setdiff1d(ok, rows)  # the first ok row of each class is always among them
+    for row, kind in zip(rows.tolist(), kinds.tolist()):
+        earlier = sources[(sources < row) & (plan.cls[sources] == plan.cls[row])]
+        plan.near_duplicate_of[row] = (pick_one(rng, earlier.tolist()), kind)
 
 
 def _nsids(rng: np.random.Generator, n: int) -> list[str]:
@@ -233,7 +258,7 @@ def _plant_rare_tags(rng: np.random.Generator, config: SynthConfig, plan: Plan) 
 
 
 def build_plan(config: SynthConfig) -> Plan:
-    """Decide every row (class, owner, landmark, flags, anomaly) from the config's seed."""
+    """Decide every row (class, owner, landmark, flags, anomaly, near-duplicate) from the config's seed."""
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0]))
     plan = _layout(rng, config)
     _plant_anomalies(rng, config, plan)
@@ -243,4 +268,5 @@ def build_plan(config: SynthConfig) -> Plan:
     _assign_users(rng, config, plan, rng.permutation(activity))
     _pick_flags(rng, config, plan)
     _plant_rare_tags(rng, config, plan)
+    _plant_near_duplicates(config, plan)
     return plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import numpy as np
 from dataengine.errors import OutputExistsError
 from dataengine.fs import Location
 from dataengine.synth.config import ANOMALY_KINDS, FORMAT, VERSION, SynthConfig, SynthSummary
-from dataengine.synth.draw import encode_jpeg, image_size, render_planes
+from dataengine.synth.draw import encode_jpeg, image_size, near_duplicate_jpeg, render_planes
 from dataengine.synth.metadata import metadata_line
 from dataengine.synth.plan import Plan, build_plan
 from dataengine.synth.vocabulary import CLASS_NAMES
@@ -20,7 +21,7 @@ from dataengine.synth.vocabulary import CLASS_NAMES
 logger = logging.getLogger(__name__)
 
 _HTML_404 = b"<html><head><title>404 Not Found</title></head><body>Photo unavailable</body></html>\n"
-_OUTPUTS = ("metadata.tsv", "classes.tsv", "anomalies.tsv", "synth.json")
+_OUTPUTS = ("metadata.tsv", "classes.tsv", "anomalies.tsv", "near_duplicates.tsv", "synth.json")
 
 
 def _image_bytes(config: SynthConfig, plan: Plan, row: int) -> bytes:
@@ -31,12 +32,16 @@ def _image_bytes(config: SynthConfig, plan: Plan, row: int) -> bytes:
 
 
 def _file_bytes(config: SynthConfig, plan: Plan, row: int, written: dict[int, bytes]) -> bytes | None:
-    """What to write for a photo row: its JPEG, a corrupted file, a duplicate's source bytes, or None."""
+    """What to write for a photo row: its JPEG, a corrupted file, a (near-)duplicate of its source, or None."""
     kind = plan.kind[row]
     if kind == "missing":
         return None
     if kind == "duplicate":
         return written[plan.duplicate_of[row]]
+    if row in plan.near_duplicate_of:
+        source, how = plan.near_duplicate_of[row]
+        rng = np.random.default_rng(np.random.SeedSequence([config.seed, 4, row]))
+        return near_duplicate_jpeg(written[source], how, rng, config.jpeg_quality)
     data = _image_bytes(config, plan, row)
     corrupt = plan.corrupt.get(row)
     if corrupt == "truncated":
@@ -50,28 +55,39 @@ def _file_bytes(config: SynthConfig, plan: Plan, row: int, written: dict[int, by
 
 def _write_images(location: Location, config: SynthConfig, plan: Plan,
                   progress: Callable[[int], None] | None) -> None:
-    sources = set(plan.duplicate_of.values())
-    written: dict[int, bytes] = {}  # only the sources of duplicates are kept
+    # The bytes of (near-)duplicates' sources are kept until their last copy is written.
+    uses = collections.Counter([*plan.duplicate_of.values(), *(s for s, _ in plan.near_duplicate_of.values())])
+    written: dict[int, bytes] = {}
     for row in range(plan.num_rows):
         if plan.cls[row] < 0:
             continue
         data = _file_bytes(config, plan, row, written)
         if data is not None:
             location.write_bytes(f"images/{int(plan.photo_id[row])}.jpg", data)
-        if row in sources:
+        if row in uses:
             written[row] = data
+        source = plan.near_duplicate_of[row][0] if row in plan.near_duplicate_of else plan.duplicate_of.get(row)
+        if source is not None:
+            uses[source] -= 1
+            if not uses[source]:
+                del written[source]
         if progress is not None:
             progress(1)
 
 
 def _tables(config: SynthConfig, plan: Plan) -> dict[str, bytes]:
-    """metadata.tsv, classes.tsv and anomalies.tsv, in file order."""
+    """metadata.tsv, classes.tsv, anomalies.tsv and (with near-duplicates) near_duplicates.tsv, in file order."""
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 2]))
-    metadata = [metadata_line(rng, plan, row) for row in range(plan.num_rows)]
-    classes = [f"{plan.photo_id[r]}\t{CLASS_NAMES[plan.cls[r]]}" for r in range(plan.num_rows) if plan.cls[r] >= 0]
-    anomalies = [f"{plan.photo_id[r]}\t{plan.kind[r]}" for r in range(plan.num_rows) if plan.kind[r] != "ok"]
-    return {name: "".join(line + "\n" for line in lines).encode("utf-8")
-            for name, lines in (("metadata.tsv", metadata), ("classes.tsv", classes), ("anomalies.tsv", anomalies))}
+    ids = plan.photo_id
+    tables = {
+        "metadata.tsv": [metadata_line(rng, plan, row) for row in range(plan.num_rows)],
+        "classes.tsv": [f"{ids[r]}\t{CLASS_NAMES[plan.cls[r]]}" for r in range(plan.num_rows) if plan.cls[r] >= 0],
+        "anomalies.tsv": [f"{ids[r]}\t{plan.kind[r]}" for r in range(plan.num_rows) if plan.kind[r] != "ok"],
+    }
+    if config.num_near_duplicates:
+        tables["near_duplicates.tsv"] = [f"{ids[r]}\t{ids[s]}\t{how}"
+                                         for r, (s, how) in sorted(plan.near_duplicate_of.items())]
+    return {name: "".join(line + "\n" for line in lines).encode("utf-8") for name, lines in tables.items()}
 
 
 def _landmark_summary(plan: Plan) -> list[dict[str, Any]]:
@@ -90,7 +106,7 @@ def _manifest(config: SynthConfig, plan: Plan) -> dict[str, Any]:
     counts = {kind: int((plan.kind == kind).sum()) for kind in ("ok",) + ANOMALY_KINDS}
     photos = plan.cls >= 0
     is_drawing = plan.cls == CLASS_NAMES.index("drawing")
-    return {
+    manifest = {
         "format": FORMAT, "version": VERSION, "config": config.to_dict(),
         "num_rows": plan.num_rows, "num_images": int(photos.sum()), "num_videos": counts["video"],
         "class_names": list(config.class_names),
@@ -107,6 +123,10 @@ def _manifest(config: SynthConfig, plan: Plan) -> dict[str, Any]:
         "users": [{"nsid": u.nsid, "camera": u.camera, "lat": round(u.lat, 6), "lon": round(u.lon, 6),
                    "preferred": [CLASS_NAMES[c] for c in u.preferred]} for u in plan.users],
     }
+    if config.num_near_duplicates:  # absent otherwise, as before near-duplicates existed
+        manifest["near_duplicates"] = {str(ids[r]): {"source": int(ids[s]), "kind": how}
+                                       for r, (s, how) in sorted(plan.near_duplicate_of.items())}
+    return manifest
 
 
 def _summary(out: str, manifest: dict[str, Any], seconds: float, skipped: bool) -> SynthSummary:
@@ -116,7 +136,7 @@ def _summary(out: str, manifest: dict[str, Any], seconds: float, skipped: bool) 
         num_users=manifest["num_users"], num_landmarks=len(manifest["landmarks"]),
         class_sizes={name: manifest["class_sizes"][name] for name in manifest["class_names"]},  # class order
         expected_counts={kind: manifest["expected_counts"][kind] for kind in ("ok",) + ANOMALY_KINDS},
-        seconds=seconds, skipped=skipped,
+        seconds=seconds, skipped=skipped, num_near_duplicates=len(manifest.get("near_duplicates", {})),
     )
 
 
@@ -188,3 +208,10 @@ def read_classes(path: str) -> dict[int, str]:
 def read_anomalies(path: str) -> dict[int, str]:
     """``anomalies.tsv`` as ``{photo_id: kind}`` (kinds in :data:`ANOMALY_KINDS`)."""
     return read_classes(path)
+
+
+def read_near_duplicates(path: str) -> dict[int, tuple[int, str]]:
+    """``near_duplicates.tsv`` as ``{photo_id: (source_photo_id, kind)}`` (kinds in :data:`NEAR_DUPLICATE_KINDS`)."""
+    with open(path, encoding="utf-8") as handle:
+        rows = (line.rstrip("\n").split("\t") for line in handle if line.strip())
+        return {int(pid): (int(source), kind) for pid, source, kind in rows}

@@ -11,12 +11,15 @@ import re
 from urllib.parse import quote_plus, unquote_plus
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from dataengine import synth
 from dataengine.errors import OutputExistsError
-from dataengine.synth import SCANNER_DEVICE, SynthConfig, generate_corpus, read_anomalies, read_classes
+from dataengine.synth import (
+    SCANNER_DEVICE, SynthConfig, generate_corpus, read_anomalies, read_classes, read_near_duplicates,
+)
 
 CONFIG = SynthConfig(num_images=400, seed=7)
 LON, LAT, ACC = 12, 13, 14
@@ -246,6 +249,99 @@ def test_classes_are_visual_and_not_colour(corpus):
     assert scores["colour"] < scores["fourier"] - 0.2
 
 
+# ------------------------------------------------------------------------------------------ near-duplicates
+
+NEAR = SynthConfig(num_images=400, seed=7, num_near_duplicates=30)
+
+
+@pytest.fixture(scope="module")
+def near_corpus(tmp_path_factory):
+    """CONFIG with near-duplicates planted."""
+    out = str(tmp_path_factory.mktemp("near") / "corpus")
+    summary = generate_corpus(out, NEAR)
+    return {"out": out, "summary": summary, "near": read_near_duplicates(os.path.join(out, "near_duplicates.tsv")),
+            "manifest": json.loads(_read(out, "synth.json"))}
+
+
+def _pixels(out: str, pid: int) -> np.ndarray:
+    with Image.open(os.path.join(out, "images", f"{pid}.jpg")) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+def _distance_to_copy(source: np.ndarray, copy: np.ndarray, kind: str) -> float:
+    """Mean absolute pixel difference between ``copy`` and what ``kind`` makes of ``source`` (for a crop: the
+    best-matching window of the source); inf when the copy cannot come from the source by that kind."""
+    (h, w), (ch, cw) = source.shape[:2], copy.shape[:2]
+    if kind == "resized":
+        resized = Image.fromarray(source.astype(np.uint8)).resize((cw, ch), Image.Resampling.BICUBIC)
+        return float(np.abs(np.asarray(resized, dtype=np.float32) - copy).mean())
+    if kind == "reencoded":
+        return float(np.abs(source - copy).mean()) if (h, w) == (ch, cw) else np.inf
+    if ch > h or cw > w:
+        return np.inf
+    windows = np.lib.stride_tricks.sliding_window_view(source, (ch, cw, 3))[:, :, 0]
+    return float(np.abs(windows - copy).mean(axis=(2, 3, 4)).min())
+
+
+def test_near_duplicates_are_altered_copies_of_an_earlier_photo_of_the_class(near_corpus):
+    out, near, manifest = near_corpus["out"], near_corpus["near"], near_corpus["manifest"]
+    rows = [line.split("\t") for line in _read(out, "metadata.tsv").decode("utf-8").split("\n")[:-1]]
+    order = {int(f[1]): i for i, f in enumerate(rows)}
+    classes, anomalies = read_classes(os.path.join(out, "classes.tsv")), read_anomalies(os.path.join(out, "anomalies.tsv"))
+    assert len(near) == near_corpus["summary"].num_near_duplicates == 30
+    assert collections.Counter(kind for _, kind in near.values()) == {"resized": 10, "reencoded": 10, "cropped": 10}
+    assert manifest["near_duplicates"] == {str(pid): {"source": s, "kind": k} for pid, (s, k) in near.items()}
+    assert list(near) == sorted(near, key=order.get)  # file order
+    for pid, (source, kind) in near.items():
+        assert order[source] < order[pid] and classes[source] == classes[pid]
+        assert pid not in anomalies and source not in anomalies and source not in near
+        assert _read(out, f"images/{pid}.jpg") != _read(out, f"images/{source}.jpg")
+        original, copy = _pixels(out, source), _pixels(out, pid)
+        (h, w), (ch, cw) = original.shape[:2], copy.shape[:2]
+        if kind == "resized":
+            assert 0.45 < ch / h < 0.85 and abs(ch / h - cw / w) < 0.05
+        elif kind == "cropped":
+            assert 0.65 < ch / h <= 0.92 and 0.65 < cw / w <= 0.92
+        # Near: within JPEG noise of the source; far from another photo of the class brought to the source's size.
+        other = next(p for p, name in classes.items() if name == classes[pid] and p not in (pid, source)
+                     and p not in anomalies and p not in near)
+        other_pixels = Image.fromarray(_pixels(out, other).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+        assert _distance_to_copy(original, copy, kind) < 15
+        assert _distance_to_copy(np.asarray(other_pixels, dtype=np.float32), copy, kind) > 20
+
+
+def test_near_duplicates_change_nothing_but_their_own_images(corpus, near_corpus, tmp_path):
+    plain, planted = _files(corpus["out"]), _files(near_corpus["out"])
+    changed = {name for name in planted if plain.get(name) != planted[name]}
+    assert changed == {f"images/{pid}.jpg" for pid in near_corpus["near"]} | {"near_duplicates.tsv", "synth.json"}
+    before, after = json.loads(plain["synth.json"]), json.loads(planted["synth.json"])
+    assert "num_near_duplicates" not in before["config"] and after["config"].pop("num_near_duplicates") == 30
+    assert after.pop("near_duplicates") and after == before
+    generate_corpus(str(tmp_path / "again"), NEAR)
+    assert _files(str(tmp_path / "again")) == planted
+
+
+def test_near_duplicates_ingest_as_ok_rows(tmp_path):
+    from dataengine.ingest import IngestConfig, run_ingest
+
+    corpus = tmp_path / "corpus"
+    summary = generate_corpus(str(corpus), SynthConfig(num_images=60, seed=5, num_classes=4, num_near_duplicates=15))
+    result = run_ingest(IngestConfig(yfcc=str(corpus / "metadata.tsv"), images=str(corpus / "images"),
+                                     out=str(tmp_path / "out"), shard_size=32, workers=1))
+    assert result.counts == {status: summary.expected_counts.get(status, 0) for status in result.counts}
+    kept = set(pq.read_table(tmp_path / "out" / "metadata.parquet")["key"].to_pylist())
+    assert {str(pid) for pid in read_near_duplicates(str(corpus / "near_duplicates.tsv"))} <= kept
+
+
+def test_changing_near_duplicates_needs_overwrite_and_clears_their_list(tmp_path):
+    out = str(tmp_path / "corpus")
+    generate_corpus(out, SynthConfig(num_images=40, seed=2, num_classes=4, num_near_duplicates=6))
+    with pytest.raises(OutputExistsError):
+        generate_corpus(out, SynthConfig(num_images=40, seed=2, num_classes=4))
+    generate_corpus(out, SynthConfig(num_images=40, seed=2, num_classes=4), overwrite=True)
+    assert not os.path.exists(os.path.join(out, "near_duplicates.tsv"))
+
+
 def test_clean_corpus_has_only_videos_as_anomalies(tmp_path):
     out = str(tmp_path / "clean")
     summary = generate_corpus(out, SynthConfig(num_images=60, seed=1, num_classes=5, anomalies=False))
@@ -304,6 +400,8 @@ def test_progress_reports_every_photo_row(tmp_path):
         ({"num_corrupt": 500}, "num_corrupt"),
         ({"seed": -1}, "seed"),
         ({"landmark_rate": 0.9}, "landmark_rate"),
+        ({"num_near_duplicates": -1}, "num_near_duplicates"),
+        ({"num_images": 40, "num_near_duplicates": 11}, "num_near_duplicates"),
     ],
 )
 def test_config_rejects_bad_values(changes, word):
@@ -325,3 +423,8 @@ def test_cli_writes_corpus_and_prints_json_last(tmp_path):
     assert len(os.listdir(os.path.join(out, "images"))) == 40
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "bad"), "--num-images", "5"])
     assert bad.exit_code == 2 and "num_images" in bad.output
+    near = CliRunner().invoke(app, ["synth", str(tmp_path / "near"), "--num-images", "40", "--near-duplicates", "4",
+                                    "--json"])
+    assert near.exit_code == 0, near.output
+    assert json.loads(near.stdout.strip().splitlines()[-1])["num_near_duplicates"] == 4
+    assert len(read_near_duplicates(str(tmp_path / "near" / "near_duplicates.tsv"))) == 4
