@@ -1,9 +1,14 @@
-"""Reading side of the shard format written by ingest: the manifest, shard URLs, webdataset streams.
+"""The shard format, both directions: how ingest writes samples and the manifest, and how later stages read
+them back (the manifest, shard URLs, webdataset streams).
 
 An ingest output (local folder or ``s3://`` prefix) holds ``manifest.json`` (written last) listing webdataset
 tar shards in row order: row ``r`` of ``metadata.parquet`` is the r-th sample when reading the shards in
 manifest order, each tar in order. :class:`ShardSet` gives every shard its first global row, so a range of
 rows maps to the shards overlapping it (:meth:`ShardSet.overlapping`).
+
+A sample is two consecutive tar members, ``<key>.jpg`` (the re-encoded image) then ``<key>.json`` (its
+metadata): :func:`sample_members` packs them, :func:`build_manifest` writes the manifest that
+:func:`load_shard_set` checks. Tar bytes themselves are read and packed by :mod:`dataengine.tario`.
 
 Streams follow webdataset's sample conventions; shards are opened with webdataset's ``gopen``, remote ones
 through fsspec by an opener registered in ``webdataset.gopen_schemes`` (:func:`register_fsspec_opener`): never through ``pipe:`` subprocesses.
@@ -25,11 +30,13 @@ from typing import IO, Any
 
 from dataengine.errors import IncompleteOutputError, InputUnusableError
 from dataengine.fs import Location
-from dataengine.tario import iter_members
+from dataengine.tario import BLOCK, iter_members, ustar_header
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "dataengine.shards"
+VERSION = 1
+"""Version written by this dataengine."""
 SUPPORTED_VERSIONS = (1,)
 # Protocols whose shards are opened through fsspec. Local paths and file:// URLs are opened by webdataset.
 FSSPEC_PROTOCOLS = ("s3", "gcs", "gs", "az", "abfs", "memory")
@@ -162,6 +169,45 @@ def _parse_manifest(data: bytes, url: str) -> dict[str, Any]:
     return manifest
 
 
+# ------------------------------------------------------------------------------------------------ writing
+
+_ZEROS = memoryview(bytes(BLOCK))
+IMAGE_DATA_OFFSET = BLOCK
+"""Where the JPEG's bytes start inside :func:`sample_members`'s output (after its header)."""
+
+
+def sample_members(key: str, jpeg: bytes, document: bytes) -> bytes:
+    """The tar bytes of one sample: ``<key>.jpg`` then ``<key>.json`` (headers, data, padding).
+
+    Built by ingest's workers, so that the single shard writer only concatenates them.
+    """
+    return b"".join((ustar_header(f"{key}.jpg", len(jpeg)), jpeg, _ZEROS[: -len(jpeg) % BLOCK],
+                     ustar_header(f"{key}.json", len(document)), document, _ZEROS[: -len(document) % BLOCK]))
+
+
+def build_manifest(config: dict[str, Any], shards: list[dict[str, Any]], counts: dict[str, int],
+                   cross_node_duplicates: int) -> dict[str, Any]:
+    """The ``manifest.json`` of a shard set (written last: its presence means the set is complete).
+
+    Args:
+        config: the resolved output-defining ingest config.
+        shards: ``{name, num_samples, bytes, sha256}`` of every shard, in row order (other keys are dropped).
+        counts: input rows per status.
+        cross_node_duplicates: duplicates kept because they were ingested by different nodes.
+    """
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config,
+        "shards": [{"name": s["name"], "num_samples": s["num_samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
+                   for s in shards],
+        "num_shards": len(shards),
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "counts": counts,
+        "cross_node_duplicates": cross_node_duplicates,
+    }
+
+
 # --------------------------------------------------------------------------------------------- streaming
 
 
@@ -267,15 +313,3 @@ def sample_stream(urls: list[str], handler: Callable[[Exception], bool] | None =
 # webdataset's key/extension split and metadata-member rule.
 _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META = re.compile(r"__[^/]*__($|/)")
-
-
-def split_evenly(count: int, world_size: int, rank: int) -> range:
-    """The contiguous share of ``range(count)`` owned by ``rank`` (sizes differ by at most one).
-
-    Used to split chunk-aligned row blocks (or shards) across ranks: the shares are disjoint and cover all.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    base, extra = divmod(count, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))

@@ -3,9 +3,9 @@
 Design:
 
 * Rows are grouped in *blocks* of ``chunk_rows * chunks_per_shard`` rows (one stored object of features,
-  see :mod:`dataengine.store`). Ranks own disjoint contiguous ranges of blocks (:func:`split_evenly`); a
-  block with a completion record is skipped on re-runs, so a run killed at any moment resumes where it
-  stopped, on any number of ranks.
+  see :mod:`dataengine.store`). Ranks own disjoint contiguous ranges of blocks
+  (:func:`indexes.data.shard_bounds`); a block with a completion record is skipped on re-runs, so a run
+  killed at any moment resumes where it stopped, on any number of ranks.
 * The main process plans *pieces* (the rows of one shard inside the pending blocks, split so that every
   DataLoader worker gets some); workers stream their pieces' shards with webdataset, decode and crop the
   JPEGs and ship uint8 tensors cut at *batch* boundaries. Batches have a fixed composition: batch ``k`` of

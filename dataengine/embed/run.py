@@ -17,8 +17,9 @@ from dataengine.embed.decode import BatchGrid, DecodeDataset, make_loader, pendi
 from dataengine.embed.model import EmbedModel, build_model, checked_forward
 from dataengine.embed.output import finalize, layout_of, output_config, prepare_store, resolve_config
 from dataengine.errors import OutputExistsError
-from dataengine.shards import ShardSet, load_shard_set, split_evenly
+from dataengine.shards import ShardSet, load_shard_set
 from dataengine.store import FeatureStore, StoreLayout, inspect_existing, open_store
+from indexes.data import shard_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def run_embed(config: EmbedConfig, progress: Callable[[int], None] | None = None
         logger.info("%s is already complete (%d rows); nothing to do", config.out, layout.num_rows)
         return _result(config, store, layout, wanted, start, rank, world_size, 0, 0, layout.num_blocks)
     records = store.block_records()
-    mine = split_evenly(layout.num_blocks, world_size, rank)
+    mine = range(*shard_bounds(layout.num_blocks, rank, world_size))
     pending = [b for b in mine if records[b] is None]
     if len(pending) < len(mine):
         logger.info("rank %d: resuming, %d of %d blocks already done", rank, len(mine) - len(pending), len(mine))

@@ -381,7 +381,8 @@ def files(out):
 
 _ARENA_CHECK = _FILES + """
 import os, sys, threading
-from dataengine.ingest import IngestConfig, _blocks, _ordered_results, run_ingest
+from dataengine.ingest import IngestConfig, run_ingest
+from dataengine.ingest.pipeline import blocks_of, ordered_results
 from dataengine.sources import iter_rows
 
 root = sys.argv[1]
@@ -395,7 +396,7 @@ for workers in (0, 2):
     outputs[workers] = files(f"{root}/w{workers}")
 assert outputs[0] == outputs[2], "the pool's output differs from the in-process run's"
 kinds, kept = {}, None
-for samples in _ordered_results(config, _blocks(iter_rows(None, config.images, {}), config.block_rows)):
+for samples in ordered_results(config, blocks_of(iter_rows(None, config.images, {}), config.block_rows)):
     if isinstance(kept, memoryview):  # a view kept past its block is released, not reading a reused slot
         try:
             bytes(kept)
@@ -431,10 +432,11 @@ def test_shared_arena_and_pickled_members_give_identical_output(tmp_path):
 _DEAD_WORKER_CHECK = _FILES + """
 import multiprocessing, os, signal, sys
 import dataengine.ingest as ingest
+from dataengine.ingest import pipeline
 from dataengine.workers import WorkerDiedError
 
 root = sys.argv[1]
-original = ingest._process_block
+original = pipeline._process_block
 
 def dying(rows, slot=-1):  # the worker that gets row 20 is killed, once (an out-of-memory kill, say)
     if any(row.index == 20 for row in rows) and not os.path.exists(f"{root}/died"):
@@ -446,7 +448,7 @@ def config(out):
     return ingest.IngestConfig(images=f"{root}/imgs", out=f"{root}/{out}", workers=2, shard_size=7, block_rows=2)
 
 ingest.run_ingest(config("ref"))
-ingest._process_block = dying
+pipeline._process_block = dying
 try:
     ingest.run_ingest(config("out"))
 except WorkerDiedError as exc:

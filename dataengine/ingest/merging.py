@@ -1,0 +1,86 @@
+"""Ingest's merge: once every node is done, its parts become ``metadata.parquet``, ``ledger.jsonl`` and last
+``manifest.json``."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from typing import Any
+
+from dataengine.errors import InputUnusableError
+from dataengine.fs import Location
+from dataengine.ingest.config import STATUSES, IngestConfig
+from dataengine.ingest.resume import done_stats, read_part
+from dataengine.metadata_table import meta_schema
+from dataengine.shards import build_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def _all_node_stats(out: Location, config: IngestConfig) -> list[dict[str, Any]]:
+    stats = []
+    for rank in range(config.num_nodes):
+        prefix = "shard" if config.num_nodes == 1 else f"shard-r{rank:03d}"
+        stats.extend(done_stats(out, prefix))
+    return stats
+
+
+def merge(out_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Write ``metadata.parquet``, ``ledger.jsonl`` and ``manifest.json`` once every node is done.
+
+    Returns the manifest, or ``None`` when some node has not finished yet.
+    """
+    out = Location(out_url, storage_options)
+    recorded = out.read_json("ingest_config.json")
+    num_nodes = recorded["num_nodes"]
+    markers = set(out.listdir("nodes"))
+    missing = [r for r in range(num_nodes) if f"node-{r:03d}.json" not in markers]
+    if missing:
+        logger.info("merge waits for node(s) %s", missing)
+        return None
+    config = IngestConfig(out=out_url, yfcc=recorded["yfcc"], images=recorded["images"],
+                          download=recorded["download"], num_nodes=num_nodes, workers=0)
+    all_stats = _all_node_stats(out, config)
+    shards = [s for s in all_stats if s["name"]]
+    counts = collections.Counter()
+    for stats in all_stats:
+        counts.update(stats["counts"])
+    if not counts.get("ok"):
+        raise InputUnusableError(f"no usable image among {sum(counts.values())} input rows: {dict(counts)}")
+    cross_dups = _write_metadata(out, shards, num_nodes)
+    _write_ledger(out, all_stats)
+    manifest = build_manifest(recorded, shards, {status: counts.get(status, 0) for status in STATUSES},
+                              cross_dups)
+    out.write_json("manifest.json", manifest)
+    return manifest
+
+
+def _write_metadata(out: Location, shards: list[dict[str, Any]], num_nodes: int) -> int:
+    """Concatenate the per-shard metadata parts into ``metadata.parquet``; returns cross-node duplicates."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    local = os.path.join(out.scratch_dir(), "metadata.parquet.partial")
+    seen: dict[str, int] = {}
+    cross = 0
+    with pq.ParquetWriter(local, meta_schema()) as writer:
+        for index, stats in enumerate(shards):
+            table = read_part(out, stats["part"])
+            table = table.set_column(table.schema.get_field_index("shard"), "shard",
+                                     pa.array([index] * table.num_rows, pa.int32()))
+            writer.write_table(table)
+            if num_nodes > 1:
+                for digest in table["sha256"].to_pylist():
+                    rank = seen.setdefault(digest, stats["node_rank"])
+                    cross += rank != stats["node_rank"]
+    out.publish(local, "metadata.parquet")
+    return cross
+
+
+def _write_ledger(out: Location, all_stats: list[dict[str, Any]]) -> None:
+    local = os.path.join(out.scratch_dir(), "ledger.jsonl.partial")
+    with open(local, "wb") as handle:
+        for stats in all_stats:
+            handle.write(out.read_bytes(f"ledger/{stats['part']}.jsonl"))
+    out.publish(local, "ledger.jsonl")

@@ -1,0 +1,70 @@
+"""The ingest stage: check the output, resume after its done shards, process the rows, merge."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dataengine.errors import InputUnusableError
+from dataengine.fs import Location
+from dataengine.ingest.config import IngestConfig, IngestResult
+from dataengine.ingest.merging import merge
+from dataengine.ingest.pipeline import blocks_of, ordered_results
+from dataengine.ingest.resume import check_config, resume_state
+from dataengine.ingest.writer import ShardWriter
+from dataengine.sources import iter_rows
+
+logger = logging.getLogger(__name__)
+
+
+def run_ingest(config: IngestConfig, progress: Callable[[int], None] | None = None) -> IngestResult:
+    """Ingest ``config``'s input into shards under ``config.out``, resuming any earlier partial run.
+
+    Args:
+        config: what to ingest and how.
+        progress: called with the number of input rows just finished.
+
+    Raises:
+        InputUnusableError: the input has no rows, or no row gave a usable image.
+        OutputExistsError: ``out`` holds an ingest with another configuration (and not ``overwrite``).
+    """
+    start = time.perf_counter()
+    out = Location(config.out, config.storage_options)
+    if check_config(out, config):
+        manifest = out.read_json("manifest.json")
+        logger.info("%s is already complete (%d shards); nothing to do", out.url, manifest["num_shards"])
+        return _result(out, manifest, time.perf_counter() - start, manifest["num_shards"])
+    state = resume_state(out, config)
+    if state.next_index:
+        logger.info("resuming: %d stats files done, continuing at input row %d", state.next_index, state.input_end)
+    writer = ShardWriter(out, config, state)
+    rows = (r for r in iter_rows(config.yfcc, config.images, config.storage_options)
+            if r.index >= state.input_end and config.owns(r.index))
+    for samples in ordered_results(config, blocks_of(rows, config.block_rows)):
+        for sample in samples:
+            writer.add(sample)
+        if progress:
+            progress(len(samples))
+    writer.close_shard()
+    _finish_node(out, config, writer)
+    manifest = merge(config.out, config.storage_options)
+    seconds = time.perf_counter() - start
+    if manifest is None:
+        return IngestResult(out.url, writer.num_shards, writer.num_samples, dict(writer.done_counts), seconds,
+                            state.num_shards, complete=False)
+    return _result(out, manifest, seconds, state.num_shards)
+
+
+def _finish_node(out: Location, config: IngestConfig, writer: ShardWriter) -> None:
+    counts = dict(writer.done_counts)
+    if config.num_nodes == 1 and not sum(counts.values()):
+        raise InputUnusableError(f"no input rows found in {config.yfcc or config.images}")
+    out.write_json(f"nodes/node-{config.node_rank:03d}.json",
+                   {"rank": config.node_rank, "num_shards": writer.num_shards, "counts": counts})
+
+
+def _result(out: Location, manifest: dict[str, Any], seconds: float, resumed: int) -> IngestResult:
+    return IngestResult(out.url, manifest["num_shards"], manifest["num_samples"], manifest["counts"], seconds,
+                        resumed, cross_node_duplicates=manifest.get("cross_node_duplicates", 0))
