@@ -1,4 +1,4 @@
-"""Issue 6 acceptance on real data: random init vs RotNet vs DeepCluster vs DeeperCluster on CIFAR-10.
+"""Acceptance on real data: random init vs RotNet vs DeepCluster vs DeeperCluster on CIFAR-10.
 
 Splits ``../shared/data/cifar10-train.tar`` into a train and a test split (labels are used only for
 evaluation), ingests both, trains every method with the small convnet on CPU under the same wall-clock
@@ -7,7 +7,7 @@ changes how long a run takes, not how much it trains), then for every method and
 (``dataengine eval``) and the NMI between a 10-way k-means of the train features and the labels.
 Results go to ``OUT/results.json`` and are printed as a table; RESULTS.md quotes them.
 
-Usage: python tools/acceptance_cifar.py --out /tmp/acceptance [--budget 480] [--seeds 0 1]
+Usage: python tools/acceptance_cifar.py --out OUT [--budget 480] [--seeds 0 1]
        [--per-class-train 2000 --per-class-test 500]
 """
 
