@@ -1,1 +1,4 @@
-"""Models, losses, samplers and the DeeperCluster training loop."""
+"""Training: heads and losses, samplers, augmentation, the DeeperCluster training loop and evaluation.
+
+The backbones are in :mod:`dataengine.models`, shared with the embed stage.
+"""
