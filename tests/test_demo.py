@@ -10,7 +10,7 @@ import sys
 
 def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
-    command = [sys.executable, "-m", "dataengine.cli", "--quiet", "demo", "--out", str(out), "--num-images", "150",
+    command = [sys.executable, "-m", "dataengine", "--quiet", "demo", "--out", str(out), "--num-images", "150",
                "--workers", "1", "--json"]
     result = subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
     summary = json.loads(result.stdout.strip().splitlines()[-1])

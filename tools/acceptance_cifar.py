@@ -55,7 +55,7 @@ def split(tar_path: str, out: str, per_train: int, per_test: int) -> tuple[str, 
 
 def dataengine(*args: str) -> dict:
     """Run a dataengine command and return its --json summary."""
-    command = [sys.executable, "-m", "dataengine.cli", "--quiet", *args, "--json"]
+    command = [sys.executable, "-m", "dataengine", "--quiet", *args, "--json"]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -147,7 +147,7 @@ def ingest_rate(tar_path: str, workers: int, image_size: int, quality: int,
     """Images/s of ``dataengine ingest`` from the shell (wall time of the whole command), its CPU seconds."""
     out = os.path.join(scratch, "out")
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "dataengine.cli", "--quiet", "ingest", "--images", tar_path, "--out", out,
+    command = [sys.executable, "-m", "dataengine", "--quiet", "ingest", "--images", tar_path, "--out", out,
                "--workers", str(workers), "--image-size", str(image_size), "--quality", str(quality), "--json"]
     if keep_duplicates:
         command.append("--keep-duplicates")
@@ -160,7 +160,7 @@ def ingest_rate(tar_path: str, workers: int, image_size: int, quality: int,
 
 def startup_seconds() -> float:
     start = time.perf_counter()
-    _run([sys.executable, "-m", "dataengine.cli", "ingest", "--help"])
+    _run([sys.executable, "-m", "dataengine", "ingest", "--help"])
     return time.perf_counter() - start
 
 

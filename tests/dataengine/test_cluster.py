@@ -39,7 +39,7 @@ def _config(store_url: str, name: str, **kwargs) -> ClusterConfig:
 
 
 def test_cli_contract_and_layout_readable_with_zarr_alone(store_url):
-    command = [sys.executable, "-m", "dataengine.cli", "--quiet", "cluster", store_url, "--name", "cli",
+    command = [sys.executable, "-m", "dataengine", "--quiet", "cluster", store_url, "--name", "cli",
                "--levels", "3,4", "--pca", "16", "--niter", "5", "--threads", "1", "--json"]
     summary = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     assert summary["name"] == "cli" and summary["levels"] == [3, 4] and summary["num_clusters"] == [3, 12]

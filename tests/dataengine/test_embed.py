@@ -115,7 +115,7 @@ def test_cli_contract(tmp_path):
     """The documented command on a folder written by `dataengine ingest`; --json's last line; zarr alone reads."""
     from typer.testing import CliRunner
 
-    from dataengine.cli import app
+    from dataengine.app import app
     from dataengine.ingest import IngestConfig, run_ingest
 
     for i in range(6):
@@ -141,7 +141,7 @@ RESUME = dict(model="small", image_size=128, resize_size=128, batch_size=4, chun
 
 
 def _embed_cmd(shards, out):
-    return [sys.executable, "-m", "dataengine.cli", "--quiet", "embed", shards, "--out", str(out), "--model",
+    return [sys.executable, "-m", "dataengine", "--quiet", "embed", shards, "--out", str(out), "--model",
             "small", "--image-size", "128", "--resize-size", "128", "--batch-size", "4", "--chunk-rows", "4",
             "--threads", "1", "--workers", "1", "--json"]
 
@@ -219,7 +219,7 @@ def test_torchrun_cli_with_two_gloo_ranks(ingested, tmp_path):
     """The CLI joins the process group itself under torchrun; only rank 0 prints the summary."""
     run_embed(EmbedConfig(shards=ingested, out=str(tmp_path / "one.zarr"), **SMALL))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-               "dataengine.cli", "--quiet", "embed", ingested, "--out", str(tmp_path / "two.zarr"), "--model",
+               "dataengine", "--quiet", "embed", ingested, "--out", str(tmp_path / "two.zarr"), "--model",
                "small", "--image-size", "32", "--resize-size", "36", "--batch-size", "4", "--chunk-rows", "8",
                "--workers", "0", "--threads", "1", "--json"]
     done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300,

@@ -277,7 +277,7 @@ def test_input_and_output_on_s3(tmp_path, s3_server, s3_bucket):
 
 
 def _ingest_cmd(images, out):
-    return [sys.executable, "-m", "dataengine.cli", "--quiet", "ingest", "--images", str(images), "--out",
+    return [sys.executable, "-m", "dataengine", "--quiet", "ingest", "--images", str(images), "--out",
             str(out), "--shard-size", "7", "--workers", "1"]
 
 

@@ -317,7 +317,7 @@ def test_thumbnails_need_the_stores_own_ingest(corpus, tmp_path):
 def test_cli_prints_the_table_and_a_json_line(corpus, tmp_path):
     out = str(tmp_path / "cli")
     process = subprocess.run(
-        [sys.executable, "-m", "dataengine.cli", "report", corpus["store"], "--clustering", "planted", "--compare",
+        [sys.executable, "-m", "dataengine", "report", corpus["store"], "--clustering", "planted", "--compare",
          "random", "--out", out, "--level", "1", "--no-thumbnails", "--json"],
         capture_output=True, text=True, timeout=120)
     assert process.returncode == 0, process.stderr
@@ -325,7 +325,7 @@ def test_cli_prints_the_table_and_a_json_line(corpus, tmp_path):
     assert set(summary["nmi"]) == set(KINDS) and summary["html"] == os.path.join(out, "index.html")
     assert summary["nmi"]["user"]["nmi"] > summary["nmi"]["user"]["chance"] + 0.15
     assert "chance NMI" in process.stderr and "coverage" in process.stderr
-    bad = subprocess.run([sys.executable, "-m", "dataengine.cli", "report", corpus["store"], "--clustering", "nope",
+    bad = subprocess.run([sys.executable, "-m", "dataengine", "report", corpus["store"], "--clustering", "nope",
                           "--out", out], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no complete clustering 'nope'" in bad.stderr
 

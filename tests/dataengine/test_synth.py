@@ -412,7 +412,7 @@ def test_config_rejects_bad_values(changes, word):
 def test_cli_writes_corpus_and_prints_json_last(tmp_path):
     from typer.testing import CliRunner
 
-    from dataengine.cli import app
+    from dataengine.app import app
 
     out = str(tmp_path / "cli")
     result = CliRunner().invoke(app, ["synth", out, "--num-images", "40", "--seed", "3", "--no-anomalies", "--json"])

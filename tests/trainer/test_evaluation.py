@@ -96,7 +96,7 @@ def test_cli_checkpoint_equals_the_same_weights_in_process(splits, tmp_path):
     backbone, _ = build_backbone("small", sobel=False)
     path = tmp_path / "ckpt.pt"
     torch.save({"arch": "small", "sobel": False, "backbone": backbone.state_dict()}, path)
-    command = [sys.executable, "-m", "dataengine.cli", "--quiet", "eval", "--checkpoint", str(path), "--arch",
+    command = [sys.executable, "-m", "dataengine", "--quiet", "eval", "--checkpoint", str(path), "--arch",
                "small", "--image-size", "32", "--train", splits["train"], "--test", splits["test"], "--seed", "3",
                "--batch-size", "16", "--workers", "0", "--threads", "1", "--out",
                str(tmp_path / "cli"), "--json"]

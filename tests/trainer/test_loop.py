@@ -72,7 +72,7 @@ def test_bad_configs_are_refused(shards, tmp_path):
 def test_time_budget_stops_the_run_and_counts_across_resumes(shards, tmp_path, clock):
     # Through the CLI, each run in its own process: the CPU clock counts every thread of the process, and
     # pytest's process carries the threads of earlier tests (servers, thread pools).
-    command = [sys.executable, "-m", "dataengine.cli", "--quiet", "train", shards, "--out", str(tmp_path / clock),
+    command = [sys.executable, "-m", "dataengine", "--quiet", "train", shards, "--out", str(tmp_path / clock),
                "--mode", "rotnet", "--arch", "small", "--image-size", "32", "--epochs", "500", "--batch-size", "16",
                "--workers", "0", "--threads", "1", "--checkpoint-every", "3", "--time-budget", "2",
                "--budget-clock", clock, "--json"]
@@ -104,7 +104,7 @@ def test_cpu_clock_counts_live_and_finished_child_processes():
 
 
 def _train_cmd(shards: str, out) -> list[str]:
-    return [sys.executable, "-m", "dataengine.cli", "--quiet", "train", shards, "--out", str(out), "--arch", "small",
+    return [sys.executable, "-m", "dataengine", "--quiet", "train", shards, "--out", str(out), "--arch", "small",
             "--image-size", "32", "--epochs", "2", "--reassign-every", "1", "--levels", "2,3", "--pca", "16",
             "--batch-size", "16", "--workers", "1", "--checkpoint-every", "2", "--threads", "1", "--json"]
 

@@ -11,7 +11,11 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
+
+import typer
+
+from dataengine.app.cli import app, console, emit_summary, fail, print_table
 
 logger = logging.getLogger(__name__)
 
@@ -52,23 +56,14 @@ def _stage(result: DemoResult, name: str, fn: Callable[[], dict[str, Any]]) -> N
     logger.info("demo: %s done in %.1f s", name, summary["seconds"])
 
 
-# Stages of packages built on dataengine (the trainer registers "train"): called with the ingest folder and
-# an output folder, they return a summary. A registry, so that the data plane never imports the trainer.
-EXTRA_STAGES: dict[str, Callable[[str, str], dict[str, Any]]] = {}
-
-
-def register_stage(name: str, stage: Callable[[str, str], dict[str, Any]]) -> None:
-    """Add a stage that runs after the report in ``dataengine demo``."""
-    EXTRA_STAGES[name] = stage
-
-
 def run_demo(config: DemoConfig) -> DemoResult:
-    """Run synth -> ingest -> embed -> cluster -> report, then the registered stages (train)."""
+    """Run synth -> ingest -> embed -> cluster -> report -> train."""
     from dataengine.cluster import ClusterConfig, run_cluster
     from dataengine.embed import EmbedConfig, run_embed
     from dataengine.ingest import IngestConfig, run_ingest
     from dataengine.report import ReportConfig, run_report
     from dataengine.synth import SynthConfig, generate_corpus
+    from trainer.loop import TrainConfig, run_train
 
     start = time.perf_counter()
     result = DemoResult(out=os.path.abspath(config.out))
@@ -104,12 +99,47 @@ def run_demo(config: DemoConfig) -> DemoResult:
                                            shards=shards, seed=config.seed))
         return {"path": reported.html, "nmi": {kind: round(r.nmi, 4) for kind, r in reported.nmi.items()}}
 
+    def train() -> dict[str, Any]:
+        # Two short epochs of DeeperCluster (small convnet, 32-pixel crops, re-clustering every epoch).
+        run = os.path.join(result.out, "train")
+        trained = run_train(TrainConfig(shards=shards, out=run, mode="deepercluster", arch="small", image_size=32,
+                                        epochs=2, reassign_every=1, levels=(4, 8), pca_dim=32, batch_size=64,
+                                        workers=1, samples_per_epoch=768))
+        last = trained.metrics[-1] if trained.metrics else {}
+        return {"path": run, "checkpoint": trained.checkpoint, "epochs": trained.epochs, "steps": trained.steps,
+                "loss": round(float(last.get("loss", float("nan"))), 4),
+                "nmi_previous": last.get("clustering", {}).get("nmi_previous")}
+
     _stage(result, "synth", synth)
     _stage(result, "ingest", ingest)
     _stage(result, "embed", embed)
     _stage(result, "cluster", cluster)
     _stage(result, "report", report)
-    for name, stage in EXTRA_STAGES.items():
-        _stage(result, name, lambda stage=stage, name=name: stage(shards, os.path.join(result.out, name)))
+    _stage(result, "train", train)
     result.seconds = round(time.perf_counter() - start, 2)
     return result
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("demo-out", "--out", help="Folder for every stage's output."),
+    num_images: int = typer.Option(1500, "--num-images", help="Photos in the synthetic corpus."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the corpus and every stage."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: all cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """Generate the synthetic YFCC-like corpus and run the pipeline on it, printing a summary."""
+    from dataengine.errors import DataEngineError
+
+    try:
+        config = DemoConfig(out=out, num_images=num_images, seed=seed,
+                            workers=(os.cpu_count() or 1) if workers is None else workers)
+        with console.status("running the demo pipeline ..."):
+            result = run_demo(config)
+    except (ValueError, DataEngineError) as exc:
+        fail(str(exc))
+    rows = [[name, f"{s['seconds']:.1f}", s.get("path", "")] for name, s in result.stages.items()]
+    print_table(f"demo finished in {result.seconds:.1f} s", ["stage", "seconds", "output"], rows)
+    if "report" in result.stages:
+        console.print(f"report: {result.stages['report']['path']}")
+    emit_summary({"out": result.out, "stages": result.stages, "seconds": result.seconds}, as_json)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dataengine.cli.app import app, console, emit_summary, fail, print_table, progress_bar
+from dataengine.app.cli import app, console, emit_summary, fail, print_table, progress_bar
 
 
 def _levels(text: str) -> tuple[int, ...]:

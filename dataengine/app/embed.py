@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from dataengine.cli.app import app, console, emit_summary, fail, progress_bar
+from dataengine.app.cli import app, console, emit_summary, fail, progress_bar
 
 
 @contextlib.contextmanager

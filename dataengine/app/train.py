@@ -1,26 +1,16 @@
-"""``dataengine train`` and ``dataengine eval``: registered on the dataengine CLI as a plugin.
+"""``dataengine train`` and ``dataengine eval``: the trainer's commands.
 
-Loaded through the ``dataengine.commands`` entry point (see pyproject.toml), so the data plane never imports
-the trainer. Heavy imports stay inside the commands.
+The trainer is imported inside the commands, so the other commands (and ``--help``) never load it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import typer
 
-from dataengine.cli.app import app
-from dataengine.demo import register_stage
-
-
-def _demo_training(shards: str, out: str) -> dict:
-    from trainer.demo import demo_training
-
-    return demo_training(shards, out)
-
-
-register_stage("train", _demo_training)
+from dataengine.app.cli import app, console, emit_summary, fail, print_table, progress_bar
 
 
 @app.command()
@@ -56,9 +46,6 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
     """Train DeeperCluster (or DeepCluster, RotNet, ClusterFit) on streamed shards, resumably."""
-    import os
-
-    from dataengine.cli.app import emit_summary, fail, print_table, progress_bar
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
     from trainer.loop import TrainConfig, run_train
@@ -88,8 +75,6 @@ def train(
 
 def _init_distributed() -> None:
     """Under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
         import torch.distributed as dist
@@ -126,9 +111,6 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
     """Linear-probe and k-NN top-1 of a checkpoint's (or a random network's) frozen features."""
-    import os
-
-    from dataengine.cli.app import console, emit_summary, fail, progress_bar
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
     from dataengine.models import WeightsMismatchError

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from dataengine.cli.app import app, console, emit_summary, fail, print_table, progress_bar
+from dataengine.app.cli import app, console, emit_summary, fail, print_table, progress_bar
 
 
 def _node_split(num_nodes: Optional[int], node_rank: Optional[int]) -> tuple[int, int]:
