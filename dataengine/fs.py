@@ -79,11 +79,34 @@ def open_input(url: str, storage_options: dict[str, Any] | None = None, mode: st
     return fsspec.open(url, mode, compression=compression, **(storage_options or {})).open()
 
 
-def iter_lines(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[bytes]:
-    """Yield the lines of a (possibly compressed, possibly remote) file as bytes, without line endings."""
+_LINE_CHUNK = 1 << 20
+
+
+def iter_lines(url: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None) -> Iterator[bytes]:
+    """Yield the lines of a (possibly compressed, possibly remote) file as bytes, without line endings.
+
+    With ``max_bytes``, a line of more bytes (``\\r`` included, ``\\n`` not) is yielded as its first
+    ``max_bytes + 1`` bytes, so that the caller can tell it apart, and the rest of it is skipped without being
+    held in memory: a file without newlines cannot exhaust memory.
+    """
+    limit = max_bytes if max_bytes is not None else -1
     with open_input(url, storage_options) as handle:
-        for line in handle:
-            yield line.rstrip(b"\r\n")
+        pending = b""  # the start of a line whose end is in a later chunk
+        skipping = False  # ``pending`` is already over the limit: drop bytes up to the line's newline
+        while chunk := handle.read(_LINE_CHUNK):
+            if skipping:
+                end = chunk.find(b"\n")
+                if end < 0:
+                    continue
+                yield pending
+                pending, skipping, chunk = b"", False, chunk[end + 1 :]
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                yield line[: limit + 1] if 0 <= limit < len(line) else line.rstrip(b"\r")
+            if 0 <= limit < len(pending):
+                pending, skipping = pending[: limit + 1], True
+        if pending:
+            yield pending if skipping else pending.rstrip(b"\r")
 
 
 class Location:

@@ -8,15 +8,26 @@ Three kinds of source exist:
 
 The main process enumerates rows in input order (cheap: lines, file names, or tar members); workers do the
 expensive part (reading or downloading bytes, decoding). Row order alone decides the output.
+
+Hostile input stays a per-row status: a file name built from metadata (``<photo_id>.<ext>``, the download
+URL's basename) is used only when it is a plain name (no separator, NUL, ``.``/``..``, at most 255 bytes);
+a local file is read only when its real path (symlinks resolved) lies under the real images root, and only
+when it is a regular file (opened non-blocking and checked with ``fstat``, so a FIFO cannot hang a worker).
+Files and tar members above :data:`MAX_FILE_BYTES` and metadata lines above
+:data:`dataengine.yfcc.MAX_LINE_BYTES` are refused without being read. Filesystem errors that concern one
+file (permissions, name too long, symlink loops...) are that row's status; errors of the storage itself
+(I/O errors, a full disk, the network) stop the run, which a re-run resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import logging
 import os
 import posixpath
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +42,12 @@ from dataengine.tario import scan_tar
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+MAX_FILE_BYTES = 64 << 20
+"""Largest image file (or tar member, or download) read into memory; larger ones are refused unread."""
+_NAME_MAX = 255
+# Errors that concern one file, not the storage: the row gets a status and the run goes on.
+_PER_FILE_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP,
+                              errno.EACCES, errno.EPERM, errno.ENXIO, errno.EINVAL, errno.ENODEV))
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,7 @@ class Row:
     data: bytes | None = None  # image bytes already read (tar members on object storage)
     offset: int = -1  # byte range of a member inside a local tar, read by the worker
     size: int = 0
+    error: str | None = None  # why the row is unusable before any fetching (too long a line, too big a member)
 
 
 @dataclass
@@ -80,7 +98,7 @@ def iter_rows(yfcc_url: str | None, images_url: str | None, storage_options: dic
     """Enumerate the input rows in input order."""
     if yfcc_url:
         index = 0
-        for line in iter_lines(yfcc_url, storage_options):
+        for line in iter_lines(yfcc_url, storage_options, max_bytes=yfcc.MAX_LINE_BYTES):
             if line.strip():  # blank lines are not rows
                 yield Row(index, line=line)
                 index += 1
@@ -111,9 +129,9 @@ def _iter_folder_rows(root_url: str, storage_options: dict[str, Any]) -> Iterato
 def _iter_tar_rows(tar_url: str, storage_options: dict[str, Any]) -> Iterator[Row]:
     if not is_remote(tar_url) and tar_url.lower().endswith(".tar"):
         # A local uncompressed tar: only headers are read here; workers read member bytes by offset.
-        members = ((n, o, s) for n, o, s in scan_tar(tar_url) if is_image_name(n))
+        members = ((n, o, s) for n, o, s in scan_tar(_local_path(tar_url)) if is_image_name(n))
         for index, (name, offset, size) in enumerate(members):
-            yield Row(index, path=name, offset=offset, size=size)
+            yield Row(index, path=name, offset=offset, size=size, error=_too_large(size))
         return
     # Streaming mode ("r|*") reads the tar front to back once, so it works on object storage too.
     with open_input(tar_url, storage_options) as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
@@ -121,9 +139,37 @@ def _iter_tar_rows(tar_url: str, storage_options: dict[str, Any]) -> Iterator[Ro
         for member in archive:
             if not member.isfile() or not is_image_name(member.name):
                 continue
-            handle = archive.extractfile(member)
-            yield Row(index, path=member.name, data=handle.read() if handle else b"")
+            error = _too_large(member.size)
+            handle = archive.extractfile(member) if error is None else None
+            yield Row(index, path=member.name, data=handle.read() if handle else b"", error=error)
             index += 1
+
+
+def _too_large(size: int) -> str | None:
+    return f"{size} bytes, more than the {MAX_FILE_BYTES} read at most" if size > MAX_FILE_BYTES else None
+
+
+def _local_path(url: str) -> str:
+    return url.removeprefix("file://")
+
+
+def _plain_name_problem(name: str) -> str | None:
+    """Why ``name`` (from metadata) cannot be a file name inside the images root, or ``None``."""
+    if name in ("", ".", ".."):
+        return "not a file name"
+    if "/" in name or "\\" in name or "\0" in name:
+        return "contains a path separator or NUL"
+    if len(name.encode("utf-8", "replace")) > _NAME_MAX:
+        return f"longer than {_NAME_MAX} bytes"
+    return None
+
+
+class _Unusable(Exception):
+    """One candidate file cannot be used; ``status`` is what its row gets if no other candidate is found."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class Fetcher:
@@ -137,9 +183,13 @@ class Fetcher:
         self.downloader = downloader
         self._fs = None
         self._root = ""
+        self._local_root: str | None = None  # the real path of a local images root
         self._tar_fd: int | None = None
         if images_url and not (download or _is_tar(images_url)):
-            self._fs, self._root = url_to_fs(images_url, storage_options)
+            if is_remote(images_url):
+                self._fs, self._root = url_to_fs(images_url, storage_options)
+            else:
+                self._local_root = os.path.realpath(_local_path(images_url))
 
     def fetch_block(self, rows: list[Row]) -> list[Fetched]:
         """Fetch a block of rows (downloads run concurrently within the block)."""
@@ -160,6 +210,8 @@ class Fetcher:
         if row.line is None:
             relative = row.path.replace(os.sep, "/")
             metadata = {"label": label_of(relative), "source": relative}
+            if row.error:
+                return Fetched(folder_key(relative), metadata, status="corrupt", error=row.error)
             return Fetched(folder_key(relative), metadata, data=row.data)
         record = yfcc.parse_line(row.line)
         if isinstance(record, yfcc.BadLine):
@@ -173,7 +225,8 @@ class Fetcher:
         metadata["source"] = record.download_url if self.download else None
         return Fetched(str(record.photo_id), metadata)
 
-    def _candidates(self, metadata: dict[str, Any]) -> list[str]:
+    def _candidates(self, metadata: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """File names that may hold the photo, and the refused ones with the reason."""
         photo_id = metadata["photo_id"]
         names = []
         ext = (metadata.get("extension_original") or "").lower()
@@ -181,22 +234,89 @@ class Fetcher:
             names.append(f"{photo_id}.{extension}")
         if metadata.get("download_url"):
             names.append(posixpath.basename(metadata["download_url"].split("?")[0]))
-        return names
+        refused = []
+        for name in names:
+            problem = _plain_name_problem(name)
+            if problem:
+                refused.append(f"{name[:60]!r} ({problem})")
+        return [name for name in names if not _plain_name_problem(name)], refused
 
     def _read_tar_member(self, row: Row, item: Fetched) -> None:
         if self._tar_fd is None:
-            self._tar_fd = os.open(self.images_url, os.O_RDONLY)
+            self._tar_fd = os.open(_local_path(self.images_url), os.O_RDONLY | os.O_CLOEXEC)
         item.data = os.pread(self._tar_fd, row.size, row.offset)
 
     def _read_local(self, row: Row, item: Fetched) -> None:
-        names = [row.path] if row.line is None else self._candidates(item.metadata)
+        if row.line is None:  # a listed file of an image folder
+            names, refused = [row.path], []
+        else:
+            names, refused = self._candidates(item.metadata)
+        corrupt: str | None = None  # a candidate that exists but is not a usable file
         for name in names:
-            path = self._fs.sep.join([self._root.rstrip(self._fs.sep), name])
             try:
-                with self._fs.open(path, "rb") as handle:
-                    item.data = handle.read()
-            except (FileNotFoundError, IsADirectoryError):
+                item.data = self._read_file(name)
+            except FileNotFoundError:
+                continue
+            except _Unusable as exc:
+                refused.append(f"{name} ({exc})")
+                corrupt = corrupt or (f"{name}: {exc}" if exc.status == "corrupt" else None)
                 continue
             item.metadata["source"] = name
             return
-        item.status, item.error = "missing", f"not found under {self.images_url}: tried {', '.join(names)}"
+        tried = f"tried {', '.join(names) or 'no usable name'}" + (f"; refused {', '.join(refused)}" if refused else "")
+        if corrupt:
+            item.status, item.error = "corrupt", corrupt
+        else:
+            item.status, item.error = "missing", f"not found under {self.images_url}: {tried}"
+
+    def _read_file(self, name: str) -> bytes:
+        """The bytes of ``name`` under the images root.
+
+        Raises:
+            FileNotFoundError: there is no such file.
+            _Unusable: the file exists but cannot or must not be read (outside the root, not a regular
+                file, too large, unreadable).
+        """
+        if self._local_root is None:
+            return self._read_remote(name)
+        real = os.path.realpath(os.path.join(self._local_root, name))
+        if not real.startswith(self._local_root.rstrip(os.sep) + os.sep):
+            raise _Unusable("missing", "resolves outside the images root")
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _file_error(exc) from None
+        with open(fd, "rb", buffering=0) as handle:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                if stat.S_ISDIR(info.st_mode):
+                    raise FileNotFoundError(real)  # a folder named like the photo: not a candidate
+                raise _Unusable("corrupt", f"not a regular file (mode {stat.filemode(info.st_mode)})")
+            if info.st_size > MAX_FILE_BYTES:
+                raise _Unusable("corrupt", _too_large(info.st_size))
+            try:
+                return handle.read()
+            except OSError as exc:
+                raise _file_error(exc) from None
+
+    def _read_remote(self, name: str) -> bytes:
+        path = self._fs.sep.join([self._root.rstrip(self._fs.sep), name])
+        try:
+            with self._fs.open(path, "rb") as handle:
+                data = handle.read(MAX_FILE_BYTES + 1)
+        except (IsADirectoryError, NotADirectoryError):
+            raise FileNotFoundError(path) from None
+        except PermissionError as exc:
+            raise _Unusable("missing", f"{type(exc).__name__}: {exc}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise _Unusable("corrupt", f"more than the {MAX_FILE_BYTES} bytes read at most")
+        return data
+
+
+def _file_error(exc: OSError) -> Exception:
+    """A per-file OSError as ``FileNotFoundError``/:class:`_Unusable`; others (EIO, ENOSPC...) unchanged."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return FileNotFoundError(exc.errno, exc.strerror, exc.filename)
+    if exc.errno in _PER_FILE_ERRNOS:
+        return _Unusable("missing", f"{type(exc).__name__}: {exc.strerror}")
+    return exc

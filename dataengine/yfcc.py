@@ -5,6 +5,11 @@ Two layouts exist: the public dataset file has 25 TAB-separated fields (line num
 detected per line from the field count. Text fields are URL-encoded with ``+`` for spaces; each tag is
 decoded separately. :func:`parse_line` never raises: a line it cannot use gives a :class:`BadLine` with the
 reason, which the caller records.
+
+Integers are accepted only in canonical ASCII form (``[0-9]+``, a leading ``-`` where negatives make sense,
+no sign ``+``, no spaces, no other digits, no leading zeros) and only within the range of the column that
+stores them (:data:`INT_RANGES`): a photo id outside it makes the line bad (the id is the sample's key),
+any other integer outside it is a missing value, like an unparseable one.
 """
 
 from __future__ import annotations
@@ -49,6 +54,20 @@ FIELDS_23 = tuple(f for f in FIELDS_25 if f not in ("line_number", "photo_hash")
 MIN_PLAUSIBLE_YEAR = 1970
 MAX_PLAUSIBLE_YEAR = 2015
 _DATE_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(?:\.\d+)?$")
+MAX_LINE_BYTES = 1 << 20
+"""Longest line parsed; a longer one is a :class:`BadLine` (readers skip its rest without holding it)."""
+_CANONICAL_INT = re.compile(r"-?(?:0|[1-9][0-9]{0,18})", re.ASCII)  # at most 19 digits: int64 or less
+
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+INT_RANGES = {
+    "photo_id": (0, _INT64[1]),  # metadata.parquet: int64
+    "line_number": (0, _INT64[1]),
+    "date_uploaded": _INT64,  # int64
+    "accuracy": (0, _INT32[1]),  # int32
+    "marker": (0, 1),
+}
+"""Accepted range of every integer field, from the type of the column that stores it."""
 
 
 @dataclass
@@ -113,14 +132,14 @@ def _tag_list(value: str) -> list[str]:
     return [t for t in tags if t]
 
 
-def _optional_int(value: str) -> int | None:
-    value = value.strip()
-    if not value:
+def _int_field(values: dict[str, str], name: str) -> int | None:
+    """The canonical integer in field ``name`` when it lies in :data:`INT_RANGES`, else ``None``."""
+    value = values.get(name, "")
+    if not _CANONICAL_INT.fullmatch(value) or value == "-0":
         return None
-    try:
-        return int(value)
-    except ValueError:
-        return None
+    number = int(value)
+    low, high = INT_RANGES[name]
+    return number if low <= number <= high else None
 
 
 def _normalise_date(raw: str) -> str | None:
@@ -138,7 +157,7 @@ def _normalise_date(raw: str) -> str | None:
 
 def _geo(values: dict[str, str]) -> tuple[float | None, float | None, int | None] | str:
     """(lon, lat, accuracy), all ``None`` when not geotagged; a reason string when malformed."""
-    lon_s, lat_s, acc_s = values["longitude"].strip(), values["latitude"].strip(), values["accuracy"].strip()
+    lon_s, lat_s = values["longitude"].strip(), values["latitude"].strip()
     if not lon_s and not lat_s:
         return None, None, None
     try:
@@ -147,10 +166,12 @@ def _geo(values: dict[str, str]) -> tuple[float | None, float | None, int | None
         return f"unparseable coordinates {lon_s!r},{lat_s!r}"
     if not (-180.0 <= lon <= 180.0 and -90.0 <= lat <= 90.0):
         return f"coordinates out of range {lon_s},{lat_s}"
-    return lon, lat, _optional_int(acc_s)
+    return lon, lat, _int_field(values, "accuracy")
 
 
 def _fields(line: bytes | str) -> list[str] | BadLine:
+    if len(line) > MAX_LINE_BYTES:
+        return BadLine(f"line longer than {MAX_LINE_BYTES} bytes")
     text = line.decode("utf-8", errors="replace") if isinstance(line, (bytes, bytearray)) else line
     text = text.rstrip("\r\n")
     parts = text.split("\t")
@@ -165,25 +186,25 @@ def parse_line(line: bytes | str) -> YfccRecord | BadLine:
     if isinstance(parts, BadLine):
         return parts
     values = dict(zip(FIELDS_25 if len(parts) == len(FIELDS_25) else FIELDS_23, parts))
-    photo_id = _optional_int(values["photo_id"])
-    if photo_id is None or photo_id < 0:
-        return BadLine(f"bad photo id {values['photo_id'][:40]!r}")
+    photo_id = _int_field(values, "photo_id")
+    if photo_id is None:
+        return BadLine(f"bad photo id {values['photo_id'][:40]!r} (canonical digits, at most {2**63 - 1})")
     geo = _geo(values)
     if isinstance(geo, str):
         return BadLine(geo, photo_id)
-    marker = _optional_int(values["marker"])
+    marker = _int_field(values, "marker")
     if marker not in (0, 1):
         return BadLine(f"bad marker {values['marker'][:10]!r}", photo_id)
     date_raw = _text(values["date_taken"]).strip()
     return YfccRecord(
         photo_id=photo_id,
-        line_number=_optional_int(values.get("line_number", "")),
+        line_number=_int_field(values, "line_number"),
         photo_hash=values.get("photo_hash", "").strip() or None,
         user=_optional_text(values["user_nsid"]),
         nickname=_optional_text(values["user_nickname"]),
         date_taken=_normalise_date(date_raw),
         date_taken_raw=date_raw or None,
-        date_uploaded=_optional_int(values["date_uploaded"]),
+        date_uploaded=_int_field(values, "date_uploaded"),
         device=_optional_text(values["device"]),
         title=_text(values["title"]),
         description=_text(values["description"]),
@@ -209,5 +230,5 @@ def iter_records(url: str, storage_options: dict[str, Any] | None = None) -> Ite
     """Parse every line of a (plain, .gz or .bz2; local or remote) metadata file, in file order."""
     from dataengine.fs import iter_lines
 
-    for line in iter_lines(url, storage_options):
+    for line in iter_lines(url, storage_options, max_bytes=MAX_LINE_BYTES):
         yield parse_line(line)

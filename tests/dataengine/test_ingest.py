@@ -490,3 +490,36 @@ def test_tar_readers_reject_corrupt_headers_and_truncated_members(tmp_path):
             list(iter_members(handle))
     with pytest.raises(tarfile.ReadError):
         list(scan_tar(str(corrupt)))
+
+
+# ------------------------------------------------------------------------------------------ hostile metadata
+
+
+def test_hostile_metadata_rows_get_a_status_and_never_stop_the_run(tmp_path):
+    """Each of these rows alone used to stop the whole run (and every re-run) with a traceback."""
+    root = tmp_path / "img"
+    root.mkdir()
+    rows = {  # photo id -> (fields, expected status)
+        100: ({"extension_original": "jpg/x"}, "ok"),  # '100.jpg/x': not a directory
+        101: ({"extension_original": "j" * 300}, "ok"),  # a name longer than NAME_MAX
+        102: ({"extension_original": "", "download_url": "http://h/1/a%00b.jpg"}, "ok"),  # NUL in a file name
+        103: ({"accuracy": "3000000000", "longitude": "1.5", "latitude": "2.5"}, "ok"),  # int32 overflow
+        104: ({"date_uploaded": str(2**63)}, "ok"),  # int64 overflow
+        105: ({"extension_original": "..", "download_url": "http://h/1/.."}, "ok"),
+        106: ({"extension_original": "jpg\\..\\x"}, "ok"),
+    }
+    lines = [yfcc_line(photo_id, i, **fields) for i, (photo_id, (fields, _)) in enumerate(rows.items())]
+    lines.append(yfcc_line(2**63, 90))  # the key itself does not fit int64
+    lines.append(yfcc_line("+107", 91))  # not canonical: '107' would be another key for the same text
+    for photo_id in rows:
+        (root / f"{photo_id}.jpg").write_bytes(_jpeg(photo_id))
+    (root / "107.jpg").write_bytes(_jpeg(107))
+    (tmp_path / "meta.tsv").write_text("\n".join(lines) + "\n")
+    config = IngestConfig(yfcc=str(tmp_path / "meta.tsv"), images=str(root), out=str(tmp_path / "out"), workers=0)
+    result = run_ingest(config)
+    assert result.counts["ok"] == len(rows) and result.counts["bad_metadata"] == 2, result.counts
+    table = pq.read_table(tmp_path / "out" / "metadata.parquet").to_pylist()
+    by_key = {row["key"]: row for row in table}
+    assert by_key["103"]["accuracy"] is None and by_key["104"]["date_uploaded"] is None
+    assert {row["source"] for row in table} == {f"{photo_id}.jpg" for photo_id in rows}
+    assert run_ingest(config).counts == result.counts  # the re-run is a no-op, not a crash

@@ -103,3 +103,40 @@ def test_iter_records_reads_plain_gz_and_bz2(tmp_path, suffix, opener):
         handle.write((LINE_25 + "\n" + _with(photo_id="42", marker="1") + "\n").encode())
     records = list(yfcc.iter_records(str(path)))
     assert [r.photo_id for r in records] == [6985418911, 42]
+
+
+# ---------------------------------------------------------------------------------------- hostile values
+
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize("photo_id", ["+42", " 42", "42 ", "0042", "\u0664\u0662", "4_2", "-0", "1e3", str(INT64_MAX + 1),
+                                      str(2**64), "9" * 400])
+def test_only_canonical_ascii_digit_photo_ids_are_accepted(photo_id):
+    result = yfcc.parse_line(_with(photo_id=photo_id))
+    assert isinstance(result, yfcc.BadLine) and "photo id" in result.reason, result
+
+
+def test_the_largest_int64_photo_id_is_accepted():
+    assert yfcc.parse_line(_with(photo_id=str(INT64_MAX))).photo_id == INT64_MAX
+    assert yfcc.parse_line(_with(photo_id="0")).photo_id == 0
+
+
+@pytest.mark.parametrize("name, value", [("accuracy", "3000000000"), ("accuracy", str(2**31)), ("accuracy", "-1"),
+                                         ("date_uploaded", str(2**63)), ("date_uploaded", "-" + str(2**63 + 1)),
+                                         ("line_number", str(2**64)), ("date_uploaded", "+5"),
+                                         ("accuracy", "\u0663"), ("date_uploaded", " 12")])
+def test_integers_that_do_not_fit_their_column_are_missing_values(name, value):
+    record = yfcc.parse_line(_with(**{name: value}))
+    attribute = {"line_number": "line_number", "date_uploaded": "date_uploaded", "accuracy": "accuracy"}[name]
+    assert isinstance(record, yfcc.YfccRecord) and getattr(record, attribute) is None
+
+
+def test_integers_at_their_column_limits_are_kept():
+    record = yfcc.parse_line(_with(accuracy=str(2**31 - 1), date_uploaded=str(INT64_MAX)))
+    assert record.accuracy == 2**31 - 1 and record.date_uploaded == INT64_MAX
+
+
+@pytest.mark.parametrize("marker", ["+1", " 0", "\u0661", "01"])
+def test_non_canonical_markers_are_bad_lines(marker):
+    assert isinstance(yfcc.parse_line(_with(marker=marker)), yfcc.BadLine)
