@@ -34,7 +34,8 @@ def _corpus(root: str, num_images: int) -> str:
 
 
 def _step_fn(num_parents: int = 4, children: int = 16):
-    from trainer.loop import Network, TrainConfig
+    from trainer.config import TrainConfig
+    from trainer.network import Network
     from trainer.losses import HierarchicalHead, rotation_sub_counts, super_targets
     from trainer.rotation import random_rotations, rotate_batch
 

@@ -63,7 +63,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     from dataengine.ingest import IngestConfig, run_ingest
     from dataengine.report import ReportConfig, run_report
     from dataengine.synth import SynthConfig, generate_corpus
-    from trainer.loop import TrainConfig, run_train
+    from trainer.config import TrainConfig
+    from trainer.loop import run_train
 
     start = time.perf_counter()
     result = DemoResult(out=os.path.abspath(config.out))

@@ -48,7 +48,8 @@ def train(
     """Train DeeperCluster (or DeepCluster, RotNet, ClusterFit) on streamed shards, resumably."""
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
-    from trainer.loop import TrainConfig, run_train
+    from trainer.config import TrainConfig
+    from trainer.loop import run_train
 
     try:
         _init_distributed()

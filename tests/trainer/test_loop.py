@@ -14,7 +14,8 @@ import torch
 
 from dataengine.ingest import IngestConfig, run_ingest
 from dataengine.synth import SynthConfig, generate_corpus
-from trainer.loop import TrainConfig, run_train
+from trainer.config import TrainConfig
+from trainer.loop import run_train
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_time_budget_stops_the_run_and_counts_across_resumes(shards, tmp_path, c
 
 
 def test_cpu_clock_counts_live_and_finished_child_processes():
-    from trainer.loop import CpuClock
+    from trainer.budget import CpuClock
 
     process_tree_cpu_seconds = CpuClock()
     before = process_tree_cpu_seconds()

@@ -1,0 +1,52 @@
+"""The run's checkpoint file: written atomically, read back with ``torch.load(weights_only=True)``.
+
+A checkpoint (``RUN/checkpoint.pt``) is a flat dict of tensors and plain values: the backbone's and the head's
+state dicts, the optimizer's, ``epoch``/``step``/``total_steps``, the names of the clustering in use and of
+the previous one, the torch RNG state, the seconds of the budget spent, the metrics so far and the run's
+configuration (both as JSON), and ``arch``/``sobel`` so that ``dataengine embed --checkpoint RUN`` can build
+the backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from trainer.config import TrainConfig
+
+CHECKPOINT_FORMAT = "trainer.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def checkpoint_path(out: str) -> str:
+    return os.path.join(out, "checkpoint.pt")
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary then rename: a kill never leaves a torn file under ``path``."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def config_json(config: TrainConfig) -> str:
+    """The configuration as the checkpoint stores it (tuples become lists)."""
+    return json.dumps(config.to_dict())
+
+
+def read_checkpoint_state(path: str, config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (``None`` when there is none), checked to belong to a run of ``config``.
+
+    Raises:
+        ValueError: the file is not a trainer checkpoint, or was written by another configuration.
+    """
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    wanted = json.loads(config_json(config))
+    if state.get("format") != CHECKPOINT_FORMAT or json.loads(state["config"]) != wanted:
+        raise ValueError(f"{path} was written by another configuration; use another --out")
+    return state

@@ -1,0 +1,84 @@
+"""Re-clustering inside a run: embed the training set with the current backbone (the embed stage, into
+``RUN/features/epochNNN``), cluster it (the cluster stage, the named clustering ``epochNNN`` of that store)
+and read back the targets; only the stores of the current and the previous clustering are kept."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from torch import nn
+
+from trainer.checkpoint import save_atomic
+from trainer.config import TrainConfig
+from trainer.labels import Labels
+from trainer.parallel import barrier, reducer
+
+
+def clustering_name(epoch: int) -> str:
+    return f"epoch{epoch:03d}"
+
+
+class Reclusterer:
+    """The re-clusterings of one run (every rank holds one; rank 0 writes the shared files)."""
+
+    def __init__(self, config: TrainConfig, rank: int) -> None:
+        self.config = config
+        self.rank = rank
+
+    def store_url(self, name: str) -> str:
+        return os.path.join(self.config.out, "features", name)
+
+    def backbone_path(self, name: str) -> str:
+        return os.path.join(self.config.out, f"backbone-{name}.pt")
+
+    def labels_of(self, name: str) -> Labels:
+        from dataengine.store import open_store
+
+        return Labels.from_store(open_store(self.store_url(name)), name, self.config.mode)
+
+    def run(self, epoch: int, backbone: nn.Module, feature_dim: int) -> Labels:
+        """Embed the training set with ``backbone`` (ClusterFit: with the given network) and cluster it."""
+        from dataengine.cluster import ClusterConfig, run_cluster
+        from dataengine.embed import EmbedConfig, run_embed
+
+        config = self.config
+        name = clustering_name(epoch)
+        checkpoint = config.features_from or config.init if config.mode == "clusterfit" else None
+        if checkpoint is None:
+            checkpoint = self.backbone_path(name)
+            if self.rank == 0:
+                save_atomic({"arch": config.arch, "sobel": config.sobel, "backbone": backbone.state_dict()},
+                            checkpoint)
+            barrier()
+        store = self.store_url(name)
+        run_embed(EmbedConfig(shards=config.shards, out=store, checkpoint=checkpoint,
+                              image_size=config.image_size, resize_size=config.resolved_resize,
+                              workers=config.workers, dtype="float32", seed=config.seed,
+                              storage_options=config.storage_options, num_threads=config.num_threads))
+        pca_dim = min(config.pca_dim or feature_dim, feature_dim)
+        run_cluster(ClusterConfig(store=store, name=name, levels=tuple(config.levels), pca_dim=pca_dim,
+                                  num_iterations=config.kmeans_iterations, seed=config.seed + epoch,
+                                  neighbor_index=False, overwrite=True, num_threads=config.num_threads),
+                    reducer=reducer())
+        return self.labels_of(name)
+
+    def metrics(self, labels: Labels, previous: Labels | None) -> dict[str, Any]:
+        """NMI of the clustering against the metadata and against the previous clustering."""
+        from trainer.monitor import clustering_nmi
+
+        previous_url = self.store_url(previous.name) if previous else None
+        return clustering_nmi(self.store_url(labels.name), labels.name, previous_url,
+                              previous.name if previous else None)
+
+    def drop_old_stores(self, keep: set[str]) -> None:
+        """Keep the feature stores of the clusterings named in ``keep`` only (N x d floats each)."""
+        folder = os.path.join(self.config.out, "features")
+        if self.rank == 0:
+            for name in sorted(os.listdir(folder)):
+                if name not in keep:
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+                    backbone = self.backbone_path(name)
+                    if os.path.exists(backbone):
+                        os.remove(backbone)
