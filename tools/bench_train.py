@@ -34,12 +34,13 @@ def _corpus(root: str, num_images: int) -> str:
 
 
 def _step_fn(num_parents: int = 4, children: int = 16):
-    from trainer.config import TrainConfig
+    from trainer.config import ClusteringConfig, DataConfig, TrainConfig
     from trainer.network import Network
     from trainer.losses import HierarchicalHead, rotation_sub_counts, super_targets
     from trainer.rotation import random_rotations, rotate_batch
 
-    network = Network(TrainConfig(shards="-", out="-", image_size=32, levels=(num_parents, children)))
+    network = Network(TrainConfig(out="-", data=DataConfig(shards="-", image_size=32),
+                                  clustering=ClusteringConfig(levels=(num_parents, children))))
     head = HierarchicalHead(network.feature_dim, rotation_sub_counts([children] * num_parents))
     optimizer = torch.optim.SGD(list(network.parameters()) + list(head.parameters()), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(0)

@@ -18,7 +18,8 @@ import torch
 from trainer.config import TrainConfig
 
 CHECKPOINT_FORMAT = "trainer.checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+"""2: the configuration by section (:meth:`TrainConfig.to_dict`); 1: one flat mapping (still read)."""
 
 
 def checkpoint_path(out: str) -> str:
@@ -46,7 +47,25 @@ def read_checkpoint_state(path: str, config: TrainConfig) -> dict[str, Any] | No
     if not os.path.exists(path):
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    wanted = json.loads(config_json(config))
-    if state.get("format") != CHECKPOINT_FORMAT or json.loads(state["config"]) != wanted:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a trainer checkpoint; use another --out")
+    if _stored_config(state, path) != json.loads(config_json(config)):
         raise ValueError(f"{path} was written by another configuration; use another --out")
     return state
+
+
+def _stored_config(state: dict[str, Any], path: str) -> dict[str, Any]:
+    """The checkpoint's configuration by section, as :func:`config_json` writes it (a version-1 checkpoint's
+    flat mapping is read into sections)."""
+    stored = json.loads(state["config"])
+    version = state.get("version", 1)
+    if version == CHECKPOINT_VERSION:
+        return stored
+    if version != 1:
+        raise ValueError(f"{path} is a trainer checkpoint of version {version}; this trainer reads versions 1 "
+                         f"and {CHECKPOINT_VERSION}")
+    try:
+        return json.loads(config_json(TrainConfig.from_flat(stored)))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the stored configuration (checkpoint version 1, one flat mapping) cannot be "
+                         f"read ({exc}); use another --out") from exc

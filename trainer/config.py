@@ -1,7 +1,17 @@
-"""The configuration of a training run."""
+"""The configuration of a training run, in sections (as torchtitan's job config is).
+
+:class:`TrainConfig` holds the run folder, the method (``mode``) and the seed, and one frozen section per
+concern: :class:`DataConfig` (what is read and how it becomes crops), :class:`ModelConfig` (the network),
+:class:`OptimConfig` (the optimiser), :class:`ClusteringConfig` (the re-clusterings), :class:`ScheduleConfig`
+(how long, how often) and :class:`DistributedConfig` (what each process uses). Every section checks its own
+values; :class:`TrainConfig` checks those that depend on the mode. Field names are unique over all sections,
+so a flat mapping of options (:meth:`TrainConfig.from_flat`, e.g. the command line's, or the configuration
+stored by an older checkpoint) names its section unambiguously.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -9,100 +19,225 @@ MODES = ("deepercluster", "deepcluster", "rotnet", "clusterfit")
 BUDGET_CLOCKS = ("wall", "cpu")
 
 
+def _at_least(section: Any, minimum: float, *names: str, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if optional and value is None:
+            continue
+        if value < minimum:
+            raise ValueError(f"{name}={value} must be >= {minimum}" + (" (or unset)" if optional else ""))
+
+
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Configuration of a training run."""
+class DataConfig:
+    """What the run reads, and how every sample becomes a training crop."""
 
     shards: str
     """Ingest output to train on (local or s3://)."""
-    out: str
-    """Run folder (local): checkpoint, metrics, feature stores of the re-clusterings."""
-    mode: str = "deepercluster"
-    """``deepercluster``, ``deepcluster``, ``rotnet`` or ``clusterfit``."""
-    arch: str = "small"
-    """Backbone architecture (``small``, ``vgg16_bn``, ``resnet18``, ``resnet50``)."""
-    sobel: bool = True
-    """Fixed grayscale + Sobel input layer (as in the paper)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for remote shards."""
     image_size: int = 224
     """Side of the training crops and of the embedding center crops."""
     resize_size: int | None = None
     """Shorter side before the embedding's center crop (default: image_size * 8 / 7, or image_size <= 64)."""
     crop_scale: tuple[float, float] = (0.2, 1.0)
     """Area range of the random-resized crops."""
-    epochs: int = 10
-    """Training epochs."""
-    reassign_every: int = 3
-    """Re-cluster every T epochs (the paper uses 3)."""
-    levels: tuple[int, ...] = (4, 64)
-    """Clusters per level: ``(m, k)`` for deepercluster, ``(k,)`` for deepcluster/clusterfit."""
-    pca_dim: int | None = 64
-    """Whitened dimension for the clusterings."""
-    kmeans_iterations: int = 10
-    """Lloyd iterations per k-means."""
-    balanced_sampling: bool = True
-    """Draw every cluster about equally often (not for rotnet)."""
-    samples_per_epoch: int | None = None
-    """Expected samples per epoch over all ranks with balanced sampling (default: the dataset size)."""
     batch_size: int = 64
     """Samples per step and rank."""
-    lr: float = 0.05
-    """SGD learning rate (constant; the paper uses 0.1 with VGG-16)."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float = 1e-5
-    """SGD weight decay."""
-    dropout: float = 0.0
-    """Dropout before the heads."""
     workers: int = 1
     """DataLoader workers per rank (decoding, augmentation)."""
     buffer_size: int = 2048
     """Shuffle buffer of the balanced stream (input samples per block)."""
-    checkpoint_every: int = 200
-    """Steps between checkpoints (also at every epoch end)."""
-    init: str | None = None
-    """Checkpoint to initialise the backbone from (e.g. a RotNet run, as the paper does)."""
-    features_from: str | None = None
-    """ClusterFit: checkpoint whose features are clustered (default: ``init``)."""
-    time_budget: float | None = None
-    """Stop (with a checkpoint) once the run has taken this many seconds, re-clusterings included (the
-    budget of method comparisons), counted across resumes."""
-    budget_clock: str = "wall"
-    """What ``time_budget`` counts: ``wall`` seconds, or ``cpu`` seconds of this process and its children
-    (DataLoader workers included), which stay comparable when other work shares the machine."""
-    seed: int = 0
-    """Seed of initialisation, sampling, augmentation, rotations and clusterings."""
-    num_threads: int | None = None
-    """CPU threads for torch/faiss/BLAS (default: every core)."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options for remote shards."""
+    balanced_sampling: bool = True
+    """Draw every cluster about equally often (not for rotnet)."""
+    samples_per_epoch: int | None = None
+    """Expected samples per epoch over all ranks with balanced sampling (default: the dataset size)."""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} must be one of {', '.join(MODES)}")
-        if self.mode == "deepercluster" and len(self.levels) != 2:
-            raise ValueError(f"deepercluster needs --levels m,k (two levels), got {self.levels}")
-        if self.mode in ("deepcluster", "clusterfit") and len(self.levels) != 1:
-            raise ValueError(f"{self.mode} clusters flat: give --levels k (one level), got {self.levels}")
-        if self.mode == "clusterfit" and not (self.features_from or self.init):
-            raise ValueError("clusterfit clusters the features of a given network: pass --features-from CKPT")
-        for name in ("epochs", "reassign_every", "batch_size", "image_size", "checkpoint_every", "buffer_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
-        if self.budget_clock not in BUDGET_CLOCKS:
-            raise ValueError(f"budget_clock={self.budget_clock!r} must be one of {', '.join(BUDGET_CLOCKS)}")
+        _at_least(self, 1, "image_size", "batch_size", "buffer_size")
+        _at_least(self, 0, "workers")
+        _at_least(self, 1, "resize_size", "samples_per_epoch", optional=True)
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
 
     @property
     def resolved_resize(self) -> int:
+        """``resize_size``, or ``image_size * 8 / 7`` (``image_size`` itself up to 64 pixels)."""
         if self.resize_size:
             return self.resize_size
         return self.image_size if self.image_size <= 64 else int(round(self.image_size * 8 / 7))
 
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The network: backbone, input layer, and where its first weights come from."""
+
+    arch: str = "small"
+    """Backbone architecture (``small``, ``vgg16_bn``, ``resnet18``, ``resnet50``)."""
+    sobel: bool = True
+    """Fixed grayscale + Sobel input layer (as in the paper)."""
+    dropout: float = 0.0
+    """Dropout before the heads."""
+    init: str | None = None
+    """Checkpoint to initialise the backbone from (e.g. a RotNet run, as the paper does)."""
+
+    def __post_init__(self) -> None:
+        from dataengine.models import ARCHS
+
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r} must be one of {', '.join(ARCHS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """The SGD optimiser (constant learning rate)."""
+
+    lr: float = 0.05
+    """SGD learning rate (constant; the paper uses 0.1 with VGG-16)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 1e-5
+    """SGD weight decay."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        _at_least(self, 0, "weight_decay")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusteringConfig:
+    """The clusterings that give the targets (not used by rotnet)."""
+
+    levels: tuple[int, ...] = (4, 64)
+    """Clusters per level: ``(m, k)`` for deepercluster, ``(k,)`` for deepcluster/clusterfit."""
+    pca_dim: int | None = 64
+    """Whitened dimension for the clusterings."""
+    kmeans_iterations: int = 10
+    """Lloyd iterations per k-means."""
+    features_from: str | None = None
+    """ClusterFit: checkpoint whose features are clustered (default: the model's ``init``)."""
+
+    def __post_init__(self) -> None:
+        if not self.levels or any(k < 1 for k in self.levels):
+            raise ValueError(f"levels={self.levels} must be one or more cluster counts >= 1")
+        _at_least(self, 1, "kmeans_iterations")
+        _at_least(self, 1, "pca_dim", optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """How long the run lasts and how often it re-clusters and checkpoints."""
+
+    epochs: int = 10
+    """Training epochs."""
+    reassign_every: int = 3
+    """Re-cluster every T epochs (the paper uses 3)."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (also at every epoch end)."""
+    time_budget: float | None = None
+    """Stop (with a checkpoint) once the run has taken this many seconds, re-clusterings included (the
+    budget of method comparisons), counted across resumes."""
+    budget_clock: str = "wall"
+    """What ``time_budget`` counts: ``wall`` seconds, or ``cpu`` seconds of this process and its children
+    (DataLoader workers included), which stay comparable when other work shares the machine."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "epochs", "reassign_every", "checkpoint_every")
+        if self.budget_clock not in BUDGET_CLOCKS:
+            raise ValueError(f"budget_clock={self.budget_clock!r} must be one of {', '.join(BUDGET_CLOCKS)}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget={self.time_budget} must be > 0 (or unset)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """What each process (rank) of the run uses; the ranks themselves come from the process group
+    (``torchrun``)."""
+
+    num_threads: int | None = None
+    """CPU threads for torch/faiss/BLAS per process (default: every core)."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "num_threads", optional=True)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+                             "clustering": ClusteringConfig, "schedule": ScheduleConfig,
+                             "distributed": DistributedConfig}
+"""Section name -> its dataclass, in the order of :class:`TrainConfig`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Configuration of a training run."""
+
+    out: str
+    """Run folder (local): checkpoint, metrics, feature stores of the re-clusterings."""
+    mode: str = "deepercluster"
+    """``deepercluster``, ``deepcluster``, ``rotnet`` or ``clusterfit``."""
+    seed: int = 0
+    """Seed of initialisation, sampling, augmentation, rotations and clusterings."""
+    data: DataConfig
+    """What is read and how it becomes crops."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimiser."""
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    """The re-clusterings."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Epochs, re-clustering period, checkpoints, time budget."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Per-process resources."""
+
+    def __post_init__(self) -> None:
+        for name, kind in SECTIONS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} must be one of {', '.join(MODES)}")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
+        levels = self.clustering.levels
+        if self.mode == "deepercluster" and len(levels) != 2:
+            raise ValueError(f"deepercluster needs --levels m,k (two levels), got {levels}")
+        if self.mode in ("deepcluster", "clusterfit") and len(levels) != 1:
+            raise ValueError(f"{self.mode} clusters flat: give --levels k (one level), got {levels}")
+        if self.mode == "clusterfit" and not self.features_checkpoint:
+            raise ValueError("clusterfit clusters the features of a given network: pass --features-from CKPT")
+
+    @property
+    def features_checkpoint(self) -> str | None:
+        """ClusterFit: the network whose features are clustered (``features_from``, else ``init``)."""
+        return self.clustering.features_from or self.model.init
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> TrainConfig:
+        """The configuration from one flat mapping of field names (``out``, ``mode``, ``seed`` and the fields of
+        every section; lists are taken as tuples).
+
+        Raises:
+            ValueError: a name is no field of any section.
+        """
+        top = {name: values[name] for name in ("out", "mode", "seed") if name in values}
+        owner = {f.name: section for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
+        unknown = sorted(set(values) - set(top) - set(owner))
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        parts: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+        for name, value in values.items():
+            if name in owner:
+                parts[owner[name]][name] = tuple(value) if isinstance(value, list) else value
+        return cls(**top, **{section: SECTIONS[section](**kwargs) for section, kwargs in parts.items()})
+
     def to_dict(self) -> dict[str, Any]:
+        """Every option by section, without the storage options (they may hold credentials)."""
         values = asdict(self)
-        values.pop("storage_options")
+        values["data"].pop("storage_options")
         return values

@@ -77,19 +77,19 @@ class Trainer:
         self.progress = progress
         self.rank, self.world_size = rank_and_world()
         os.makedirs(config.out, exist_ok=True)
-        register_fsspec_opener(config.storage_options)
-        self.shard_set = load_shard_set(config.shards, config.storage_options)
+        register_fsspec_opener(config.data.storage_options)
+        self.shard_set = load_shard_set(config.data.shards, config.data.storage_options)
         self.network = Network(config)
-        if config.init and config.mode != "clusterfit":
-            self._load_backbone(config.init)
+        if config.model.init and config.mode != "clusterfit":
+            self._load_backbone(config.model.init)
         self.reclusterer = Reclusterer(config, self.rank)
         self.labels: Labels | None = None
         self.previous: Labels | None = None
         self.optimizer = self._optimizer()
         self.epoch, self.step, self.total_steps = 0, 0, 0
         self.metrics: list[dict[str, Any]] = []
-        self.budget = Budget(config.time_budget, config.budget_clock)
-        self.crop = CropConfig(size=config.image_size, scale=tuple(config.crop_scale))
+        self.budget = Budget(config.schedule.time_budget, config.schedule.budget_clock)
+        self.crop = CropConfig(size=config.data.image_size, scale=tuple(config.data.crop_scale))
 
     # -------------------------------------------------------------------------------------- state
 
@@ -101,22 +101,25 @@ class Trainer:
         from dataengine.models import read_checkpoint
 
         arch, sobel, state = read_checkpoint(path)
-        if (arch, sobel) != (self.config.arch, self.config.sobel):
-            raise ValueError(f"{path} holds a {arch} backbone (sobel={sobel}); this run is {self.config.arch} "
-                             f"(sobel={self.config.sobel})")
+        model = self.config.model
+        if (arch, sobel) != (model.arch, model.sobel):
+            raise ValueError(f"{path} holds a {arch} backbone (sobel={sobel}); this run is {model.arch} "
+                             f"(sobel={model.sobel})")
         self.network.backbone.load_state_dict(state)
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.network.parameters(), lr=self.config.lr, momentum=self.config.momentum,
-                               weight_decay=self.config.weight_decay)
+        optim = self.config.optim
+        return torch.optim.SGD(self.network.parameters(), lr=optim.lr, momentum=optim.momentum,
+                               weight_decay=optim.weight_decay)
 
     def save(self) -> None:
         """Write the full checkpoint atomically (rank 0)."""
         if self.rank != 0:
             return
         state = {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": self.config.arch,
-            "sobel": self.config.sobel, "mode": self.config.mode, "backbone": self.network.backbone.state_dict(),
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": self.config.model.arch,
+            "sobel": self.config.model.sobel, "mode": self.config.mode,
+            "backbone": self.network.backbone.state_dict(),
             "head": self.network.head.state_dict(), "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch, "step": self.step, "total_steps": self.total_steps,
             "clustering": self.labels.name if self.labels else "",
@@ -165,7 +168,7 @@ class Trainer:
             return False
         if mode == "clusterfit":
             return self.labels is None
-        return epoch % self.config.reassign_every == 0 or self.labels is None
+        return epoch % self.config.schedule.reassign_every == 0 or self.labels is None
 
     # -------------------------------------------------------------------------------------- training
 
@@ -190,7 +193,7 @@ class Trainer:
             self.step, self.total_steps = self.step + 1, self.total_steps + 1
             if self.progress:
                 self.progress(1)
-            if self.step % self.config.checkpoint_every == 0:
+            if self.step % self.config.schedule.checkpoint_every == 0:
                 self.save()
         else:
             all_have_batch(False)
@@ -203,7 +206,7 @@ class Trainer:
         start = time.perf_counter()
         self._resume()
         budget = self.budget
-        while self.epoch < self.config.epochs and not budget.out_of_time():
+        while self.epoch < self.config.schedule.epochs and not budget.out_of_time():
             record: dict[str, Any] = {"epoch": self.epoch}
             if (self.step == 0 and self._needs_clustering(self.epoch)
                     and budget.time_to_recluster(self.labels is not None)):
@@ -232,5 +235,5 @@ def run_train(config: TrainConfig, progress: Callable[[int], None] | None = None
     """Train a network as ``config`` says (see the module docstring)."""
     from indexes.threads import set_num_threads
 
-    set_num_threads(config.num_threads)
+    set_num_threads(config.distributed.num_threads)
     return Trainer(config, progress).run()

@@ -22,8 +22,8 @@ class Network(nn.Module):
     def __init__(self, config: TrainConfig) -> None:
         super().__init__()
         torch.manual_seed(torch_generator(config.seed, TAG_INIT).initial_seed())
-        self.backbone, self.feature_dim = build_backbone(config.arch, config.sobel)
-        self.dropout = nn.Dropout(config.dropout)
+        self.backbone, self.feature_dim = build_backbone(config.model.arch, config.model.sobel)
+        self.dropout = nn.Dropout(config.model.dropout)
         self.head: nn.Module = RotationHead(self.feature_dim) if config.mode == "rotnet" else nn.Identity()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -45,22 +45,22 @@ class Reclusterer:
 
         config = self.config
         name = clustering_name(epoch)
-        checkpoint = config.features_from or config.init if config.mode == "clusterfit" else None
+        checkpoint = config.features_checkpoint if config.mode == "clusterfit" else None
         if checkpoint is None:
             checkpoint = self.backbone_path(name)
             if self.rank == 0:
-                save_atomic({"arch": config.arch, "sobel": config.sobel, "backbone": backbone.state_dict()},
-                            checkpoint)
+                save_atomic({"arch": config.model.arch, "sobel": config.model.sobel,
+                             "backbone": backbone.state_dict()}, checkpoint)
             barrier()
         store = self.store_url(name)
-        run_embed(EmbedConfig(shards=config.shards, out=store, checkpoint=checkpoint,
-                              image_size=config.image_size, resize_size=config.resolved_resize,
-                              workers=config.workers, dtype="float32", seed=config.seed,
-                              storage_options=config.storage_options, num_threads=config.num_threads))
-        pca_dim = min(config.pca_dim or feature_dim, feature_dim)
-        run_cluster(ClusterConfig(store=store, name=name, levels=tuple(config.levels), pca_dim=pca_dim,
-                                  num_iterations=config.kmeans_iterations, seed=config.seed + epoch,
-                                  neighbor_index=False, overwrite=True, num_threads=config.num_threads),
+        data, clustering, threads = config.data, config.clustering, config.distributed.num_threads
+        run_embed(EmbedConfig(shards=data.shards, out=store, checkpoint=checkpoint, image_size=data.image_size,
+                              resize_size=data.resolved_resize, workers=data.workers, dtype="float32",
+                              seed=config.seed, storage_options=data.storage_options, num_threads=threads))
+        pca_dim = min(clustering.pca_dim or feature_dim, feature_dim)
+        run_cluster(ClusterConfig(store=store, name=name, levels=tuple(clustering.levels), pca_dim=pca_dim,
+                                  num_iterations=clustering.kmeans_iterations, seed=config.seed + epoch,
+                                  neighbor_index=False, overwrite=True, num_threads=threads),
                     reducer=reducer())
         return self.labels_of(name)
 

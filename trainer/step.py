@@ -25,15 +25,15 @@ def epoch_loader(config: TrainConfig, shard_set: ShardSet, labels: Labels | None
                  plan: EpochPlan) -> tuple[Any, int]:
     """The DataLoader of one rank's epoch (resumed ``plan.skip_batches`` in) and the number of steps every
     rank can take in it."""
-    balance = None
-    if labels is not None and config.balanced_sampling:
-        balance = ClusterBalance(labels.balance, config.samples_per_epoch)
-    stream = ShardStream(shard_set.shards, balance, StreamConfig(seed=config.seed, buffer_size=config.buffer_size),
-                         crop, plan, config.batch_size, config.storage_options)
+    data, balance = config.data, None
+    if labels is not None and data.balanced_sampling:
+        balance = ClusterBalance(labels.balance, data.samples_per_epoch)
+    stream = ShardStream(shard_set.shards, balance, StreamConfig(seed=config.seed, buffer_size=data.buffer_size),
+                         crop, plan, data.batch_size, data.storage_options)
     expected = min_over_ranks(expected_samples(shard_set.shards, balance, plan, config.seed))
     # A few standard deviations below the expected count, so that no rank runs dry before the others.
-    steps = int((expected - 4 * math.sqrt(max(expected, 1.0))) // config.batch_size)
-    return make_loader(stream, config.batch_size, config.workers), max(steps, 1)
+    steps = int((expected - 4 * math.sqrt(max(expected, 1.0))) // data.batch_size)
+    return make_loader(stream, data.batch_size, data.workers), max(steps, 1)
 
 
 def step_loss(config: TrainConfig, network: Network, labels: Labels | None, images: torch.Tensor,

@@ -63,7 +63,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     from dataengine.ingest import IngestConfig, run_ingest
     from dataengine.report import ReportConfig, run_report
     from dataengine.synth import SynthConfig, generate_corpus
-    from trainer.config import TrainConfig
+    from trainer.config import ClusteringConfig, DataConfig, ModelConfig, ScheduleConfig, TrainConfig
     from trainer.loop import run_train
 
     start = time.perf_counter()
@@ -103,9 +103,11 @@ def run_demo(config: DemoConfig) -> DemoResult:
     def train() -> dict[str, Any]:
         # Two short epochs of DeeperCluster (small convnet, 32-pixel crops, re-clustering every epoch).
         run = os.path.join(result.out, "train")
-        trained = run_train(TrainConfig(shards=shards, out=run, mode="deepercluster", arch="small", image_size=32,
-                                        epochs=2, reassign_every=1, levels=(4, 8), pca_dim=32, batch_size=64,
-                                        workers=1, samples_per_epoch=768))
+        trained = run_train(TrainConfig(
+            out=run, mode="deepercluster", model=ModelConfig(arch="small"),
+            data=DataConfig(shards=shards, image_size=32, batch_size=64, workers=1, samples_per_epoch=768),
+            clustering=ClusteringConfig(levels=(4, 8), pca_dim=32),
+            schedule=ScheduleConfig(epochs=2, reassign_every=1)))
         last = trained.metrics[-1] if trained.metrics else {}
         return {"path": run, "checkpoint": trained.checkpoint, "epochs": trained.epochs, "steps": trained.steps,
                 "loss": round(float(last.get("loss", float("nan"))), 4),

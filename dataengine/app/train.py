@@ -48,20 +48,24 @@ def train(
     """Train DeeperCluster (or DeepCluster, RotNet, ClusterFit) on streamed shards, resumably."""
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
-    from trainer.config import TrainConfig
+    from trainer.config import (ClusteringConfig, DataConfig, DistributedConfig, ModelConfig, OptimConfig,
+                                ScheduleConfig, TrainConfig)
     from trainer.loop import run_train
 
     try:
         _init_distributed()
         config = TrainConfig(
-            shards=shards, out=out, mode=mode, arch=arch, sobel=sobel, image_size=image_size, epochs=epochs,
-            reassign_every=reassign_every, levels=tuple(int(v) for v in levels.split(",")), pca_dim=pca,
-            batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout, workers=workers,
-            balanced_sampling=balanced, samples_per_epoch=samples_per_epoch, checkpoint_every=checkpoint_every,
-            init=init, features_from=features_from,
-            time_budget=time_budget, budget_clock=budget_clock, crop_scale=(crop_scale, 1.0), seed=seed,
-            num_threads=threads,
-            storage_options=parse_storage_options(storage_options),
+            out=out, mode=mode, seed=seed,
+            data=DataConfig(shards=shards, storage_options=parse_storage_options(storage_options),
+                            image_size=image_size, crop_scale=(crop_scale, 1.0), batch_size=batch_size,
+                            workers=workers, balanced_sampling=balanced, samples_per_epoch=samples_per_epoch),
+            model=ModelConfig(arch=arch, sobel=sobel, dropout=dropout, init=init),
+            optim=OptimConfig(lr=lr, weight_decay=weight_decay),
+            clustering=ClusteringConfig(levels=tuple(int(v) for v in levels.split(",")), pca_dim=pca,
+                                        features_from=features_from),
+            schedule=ScheduleConfig(epochs=epochs, reassign_every=reassign_every, checkpoint_every=checkpoint_every,
+                                    time_budget=time_budget, budget_clock=budget_clock),
+            distributed=DistributedConfig(num_threads=threads),
         )
         with progress_bar(f"train {mode}") as update:
             result = run_train(config, progress=update)

@@ -33,7 +33,7 @@ def _config(shards: str, out, **kwargs) -> TrainConfig:
                   reassign_every=1, levels=(2, 3), pca_dim=16, kmeans_iterations=3, batch_size=16, workers=0,
                   buffer_size=64, num_threads=1, checkpoint_every=3)
     values.update(kwargs)
-    return TrainConfig(**values)
+    return TrainConfig.from_flat(values)
 
 
 def test_deepercluster_logs_metrics_and_writes_an_embeddable_checkpoint(shards, tmp_path):
@@ -188,3 +188,58 @@ def test_two_gloo_ranks_train_in_step(shards, tmp_path, free_port):
     record = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["steps"] > 0 and "clustering" in record
     assert torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def _flat_v1(config: TrainConfig) -> str:
+    """The configuration as a version-1 checkpoint stored it: one flat mapping, storage options left out."""
+    nested = config.to_dict()
+    flat = {key: nested.pop(key) for key in ("out", "mode", "seed")}
+    for section in nested.values():
+        flat.update(section)
+    return json.dumps(flat)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(steps: int):
+    done = [0]
+
+    def progress(_count: int) -> None:
+        done[0] += 1
+        if done[0] == steps:
+            raise _Stop
+
+    return progress
+
+
+def test_a_run_folder_with_a_flat_version_1_configuration_resumes(shards, tmp_path):
+    config = _config(shards, tmp_path / "run", mode="rotnet", epochs=2)
+    reference = run_train(_config(shards, tmp_path / "ref", mode="rotnet", epochs=2))
+    with pytest.raises(_Stop):
+        run_train(config, progress=_stop_after(4))  # the checkpoint of step 3 is on disk
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert (state["epoch"], state["step"], state["version"]) == (0, 3, 2)
+    torch.save(dict(state, version=1, config=_flat_v1(config)), path)
+    resumed = run_train(config)
+    expected, got = _weights(reference.checkpoint), _weights(resumed.checkpoint)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert torch.load(path, weights_only=True)["version"] == 2
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(version=1, config=json.dumps({"shards": "x", "out": "y", "learning_rate": 0.1})),
+     "stored configuration \\(checkpoint version 1, one flat mapping\\) cannot be read.*learning_rate"),
+    (dict(version=3), "version 3; this trainer reads versions 1 and 2"),
+    (dict(format="something.else"), "is not a trainer checkpoint"),
+])
+def test_an_unreadable_checkpoint_is_refused_with_what_is_wrong(shards, tmp_path, change, match):
+    config = _config(shards, tmp_path / "run", mode="rotnet", epochs=1)
+    with pytest.raises(_Stop):
+        run_train(config, progress=_stop_after(4))
+    path = tmp_path / "run" / "checkpoint.pt"
+    torch.save(dict(torch.load(path, weights_only=True), **change), path)
+    with pytest.raises(ValueError, match=match):
+        run_train(config)
