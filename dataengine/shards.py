@@ -261,7 +261,8 @@ class StreamErrors:
         return True
 
 
-def sample_stream(urls: list[str], handler: Callable[[Exception], bool] | None = None) -> Iterator[dict[str, Any]]:
+def sample_stream(urls: list[str], handler: Callable[[Exception], bool] | None = None,
+                  opener: Callable[[str], IO[bytes]] | None = None) -> Iterator[dict[str, Any]]:
     """Stream the samples of ``urls`` in order (``{"__key__", "__url__", "jpg", "json", ...}`` dicts).
 
     webdataset's sample semantics: consecutive members ``<key>.<ext>`` form one sample keyed ``<key>`` (the
@@ -275,12 +276,15 @@ def sample_stream(urls: list[str], handler: Callable[[Exception], bool] | None =
         urls: shard URLs, read in this order.
         handler: called with every error; returns True to go on (a tar error skips the rest of that shard,
             keeping the samples read before it), False to stop. Default: re-raise.
+        opener: opens a URL for reading instead of webdataset's ``gopen`` (whose import brings in torch, seconds
+            of start-up for a command that needs no model), e.g. :func:`dataengine.fs.open_input`.
     """
-    from webdataset import gopen
+    if opener is None:
+        from webdataset import gopen as opener
 
     for url in urls:
         try:
-            stream = gopen(url)
+            stream = opener(url)
         except Exception as exn:
             if handler is None or not handler(exn):
                 raise
