@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 ARCHS = ("vgg16_bn", "resnet18", "resnet50", "small")
 DEFAULT_LAYERS = {"vgg16_bn": "classifier.3", "resnet18": "flatten", "resnet50": "flatten", "small": "flatten"}
+OUTPUT_LAYER = "output"
 # torchvision classifier heads, dropped from backbones and ignored in torchvision weight files.
 _HEAD_PREFIXES = {"vgg16_bn": ("classifier.6.",), "resnet18": ("fc.",), "resnet50": ("fc.",), "small": ()}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,9 +116,12 @@ class SmallConvNet(nn.Module):
 class Backbone(nn.Module):
     """Optional fixed Sobel layer followed by a feature body; output ``(B, feature_dim)``."""
 
-    def __init__(self, arch: str, body: nn.Module, feature_dim: int, sobel: bool) -> None:
+    def __init__(self, arch: str, body: nn.Module, feature_dim: int, sobel: bool,
+                 head_prefixes: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.arch = arch
+        # Keys of a torchvision weights file that belong to the dropped classifier head (ignored on load).
+        self.head_prefixes = head_prefixes
         self.has_sobel = sobel
         self.feature_dim = feature_dim
         self.sobel = SobelFilter() if sobel else nn.Identity()
@@ -148,7 +152,7 @@ def build_backbone(arch: str, sobel: bool = False) -> tuple[Backbone, int]:
         body, dim = _vgg16_bn_body(in_channels), 4096
     else:
         body, dim = _resnet_body(arch, in_channels)
-    return Backbone(arch, body, dim, sobel), dim
+    return Backbone(arch, body, dim, sobel, _HEAD_PREFIXES[arch]), dim
 
 
 def _vgg16_bn_body(in_channels: int) -> nn.Module:
@@ -208,8 +212,7 @@ def load_weights(backbone: Backbone, path: str) -> None:
         raise WeightsMismatchError(f"{path} is not a state dict of tensors (for a trainer checkpoint use "
                                    "--checkpoint)")
     if not any(key.startswith("body.") for key in state):
-        heads = _HEAD_PREFIXES[backbone.arch]
-        state = {f"body.{k}": v for k, v in state.items() if not k.startswith(heads)}
+        state = {f"body.{k}": v for k, v in state.items() if not k.startswith(backbone.head_prefixes)}
         if backbone.has_sobel:
             state.update({k: v for k, v in backbone.state_dict().items() if k.startswith("sobel.")})
     _load_exact(backbone, state, path)
@@ -288,7 +291,7 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, backbone: Backbone, layer: str | None = None) -> None:
         super().__init__()
-        self.layer = layer or DEFAULT_LAYERS[backbone.arch]
+        self.layer = layer or default_layer(backbone.arch)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.trunk = _truncate(backbone.eval(), self.layer)
@@ -329,8 +332,14 @@ class _GraphLayer(nn.Module):
         return self.graph(x)["feature"]
 
 
+def default_layer(arch: str) -> str:
+    """The default feature's layer name: :data:`DEFAULT_LAYERS`, or ``output`` (the backbone's output, the input of
+    the dropped classifier) for other torchvision models."""
+    return DEFAULT_LAYERS.get(arch, OUTPUT_LAYER)
+
+
 def _truncate(backbone: Backbone, layer: str) -> nn.Module:
-    if layer == DEFAULT_LAYERS[backbone.arch]:
+    if layer == default_layer(backbone.arch):
         return _VggFc7(backbone) if backbone.arch == "vgg16_bn" else backbone
     names = layer_names(backbone)
     if layer not in names:

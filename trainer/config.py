@@ -121,7 +121,8 @@ class ClusteringConfig:
     kmeans_iterations: int = 10
     """Lloyd iterations per k-means."""
     features_from: str | None = None
-    """ClusterFit: checkpoint whose features are clustered (default: the model's ``init``)."""
+    """ClusterFit: checkpoint whose features are clustered (default: the model's ``init``), or a pretrained
+    network as embed's ``--model`` takes it (``resnet50:IMAGENET1K_V2``, a TorchScript file, ``module:function``)."""
 
     def __post_init__(self) -> None:
         if not self.levels or any(k < 1 for k in self.levels):

@@ -65,7 +65,9 @@ class EvalConfig:
     random: bool = False
     """Evaluate a randomly initialised network (seeded with ``seed``) instead of a checkpoint."""
     arch: str | None = None
-    """Architecture; ``None`` = the checkpoint's, or ``small`` with ``random``."""
+    """Architecture; ``None`` = the checkpoint's, or ``small`` with ``random``. Any ``--model`` of embed
+    (:mod:`dataengine.pretrained`) is accepted: a pretrained one (``resnet50:IMAGENET1K_V2``, a TorchScript
+    file, ``module:function``) is evaluated as it is, without ``checkpoint`` or ``random``."""
     sobel: bool = False
     """Random init: put the fixed grayscale + Sobel layer in front (a checkpoint says for itself)."""
     layer: str | None = None
@@ -101,11 +103,12 @@ class EvalConfig:
     """Replace feature stores in ``out`` made by another model or configuration instead of raising."""
 
     def __post_init__(self) -> None:
-        if bool(self.checkpoint) == self.random:
-            raise ValueError("give exactly one of checkpoint=CKPT or random=True (got "
-                             f"checkpoint={self.checkpoint!r}, random={self.random})")
-        if self.arch is not None and self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        from dataengine.pretrained import parse_model_spec
+
+        pretrained = self.arch is not None and self.arch not in ARCHS and parse_model_spec(self.arch).pretrained
+        if bool(self.checkpoint) + self.random + pretrained != 1:
+            raise ValueError("give exactly one of checkpoint=CKPT, random=True or a pretrained arch (got "
+                             f"checkpoint={self.checkpoint!r}, random={self.random}, arch={self.arch!r})")
         for name in ("image_size", "probe_iterations", "knn_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -42,11 +42,15 @@ class Reclusterer:
         """Embed the training set with ``backbone`` (ClusterFit: with the given network) and cluster it."""
         from dataengine.cluster import ClusterConfig, run_cluster
         from dataengine.embed import EmbedConfig, run_embed
+        from dataengine.pretrained import names_pretrained_model
 
         config = self.config
         name = clustering_name(epoch)
         checkpoint = config.features_checkpoint if config.mode == "clusterfit" else None
-        if checkpoint is None:
+        model = None
+        if checkpoint is not None and names_pretrained_model(checkpoint):
+            model, checkpoint = checkpoint, None  # a pretrained network named as embed's --model
+        elif checkpoint is None:
             checkpoint = self.backbone_path(name)
             if self.rank == 0:
                 save_atomic({"arch": config.model.arch, "sobel": config.model.sobel,
@@ -54,7 +58,7 @@ class Reclusterer:
             barrier()
         store = self.store_url(name)
         data, clustering, threads = config.data, config.clustering, config.distributed.num_threads
-        run_embed(EmbedConfig(shards=data.shards, out=store, checkpoint=checkpoint, image_size=data.image_size,
+        run_embed(EmbedConfig(shards=data.shards, out=store, model=model, checkpoint=checkpoint, image_size=data.image_size,
                               resize_size=data.resolved_resize, workers=data.workers, dtype="float32",
                               seed=config.seed, storage_options=data.storage_options, num_threads=threads))
         pca_dim = min(clustering.pca_dim or feature_dim, feature_dim)

@@ -111,6 +111,9 @@ class Timer:
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print an error for the user and exit with ``code`` (no traceback for bad input)."""
-    console.print(f"[red]error:[/red] {message}")
+    """Print an error for the user on one line (never wrapped, no markup read in it) and exit with ``code``
+    (no traceback for bad input)."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
     raise typer.Exit(code)

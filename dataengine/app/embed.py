@@ -36,8 +36,10 @@ def _process_group(device: str) -> Iterator[int]:
 def embed(
     shards: str = typer.Argument(..., help="Ingest output folder (with manifest.json), local or s3://."),
     out: str = typer.Option(..., "--out", help="Feature store (Zarr v3 group), local path or s3:// URL."),
-    model: Optional[str] = typer.Option(None, "--model", help="vgg16_bn, resnet18, resnet50 or small "
-                                        "(default resnet18, or the checkpoint's)."),
+    model: Optional[str] = typer.Option(None, "--model", help="small, resnet18, resnet50, vgg16_bn (random init "
+                                        "unless --weights/--checkpoint); torchvision weights ARCH:WEIGHTS from the "
+                                        "torch hub cache (resnet50:IMAGENET1K_V2); a TorchScript file; or a "
+                                        "module:function returning a model. Default resnet18, or the checkpoint's."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Local state-dict file (torchvision layout)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Trainer checkpoint file or run folder."),
     sobel: bool = typer.Option(False, "--sobel", help="Fixed grayscale + Sobel input layer."),
@@ -72,6 +74,10 @@ def embed(
             num_threads=threads, storage_options=parse_storage_options(storage_options), overwrite=overwrite,
         )
         with _process_group(device) as rank, progress_bar("embed rows") as update:
+            if rank == 0 and config.random_init:
+                console.print(f"[yellow]warning:[/yellow] no pretrained weights: embedding with a randomly "
+                              f"initialised {config.model or 'resnet18'} (seed {seed}); name weights with --model "
+                              "ARCH:WEIGHTS, --weights FILE or --checkpoint RUN", soft_wrap=True)
             result = run_embed(config, progress=lambda rows: update(rows))
     except (ValueError, DataEngineError, FileNotFoundError, MemoryError, WeightsMismatchError) as exc:
         fail(str(exc))

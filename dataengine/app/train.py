@@ -95,7 +95,9 @@ def evaluate(
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Trainer checkpoint file or run folder."),
     random: bool = typer.Option(False, "--random", help="Evaluate a randomly initialised network (seeded)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="small, vgg16_bn, resnet18 or resnet50 (default: "
-                                       "the checkpoint's, or small with --random)."),
+                                       "the checkpoint's, or small with --random); or a pretrained model as embed's "
+                                       "--model takes it (resnet50:IMAGENET1K_V2, a TorchScript file, "
+                                       "module:function), evaluated without --checkpoint/--random."),
     sobel: bool = typer.Option(False, "--sobel", help="With --random: fixed grayscale + Sobel input layer."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Feature layer (default: the penultimate)."),
     image_size: int = typer.Option(224, "--image-size", help="Center-crop side fed to the network."),
@@ -115,7 +117,7 @@ def evaluate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace feature stores of another model in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
-    """Linear-probe and k-NN top-1 of a checkpoint's (or a random network's) frozen features."""
+    """Linear-probe and k-NN top-1 of a checkpoint's (a pretrained or a random network's) frozen features."""
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
     from dataengine.models import WeightsMismatchError

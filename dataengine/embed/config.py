@@ -20,11 +20,14 @@ class EmbedConfig:
     out: str
     """Feature store (Zarr v3 group), local path or fsspec URL."""
     model: str | None = None
-    """Architecture (see :data:`dataengine.models.ARCHS`); default ``resnet18``, or the checkpoint's."""
+    """What to run (see :mod:`dataengine.pretrained`): an architecture (:data:`dataengine.models.ARCHS`),
+    torchvision weights ``ARCH:WEIGHTS`` read from the torch hub cache, a TorchScript file or a
+    ``module:function`` entry point; default ``resnet18``, or the checkpoint's architecture."""
     sobel: bool = False
     """Put the fixed grayscale + Sobel layer in front of the model (a checkpoint says for itself)."""
     weights: str | None = None
-    """Local state-dict file (torchvision layout or ``Backbone.state_dict()``); ``None`` = random init."""
+    """Local state-dict file (torchvision layout or ``Backbone.state_dict()``) for an architecture without
+    weights of its own; ``None`` (and no checkpoint, no pretrained ``model``) = random init."""
     checkpoint: str | None = None
     """Trainer checkpoint file (or run folder holding ``checkpoint.pt``): arch, sobel and weights."""
     layer: str | None = None
@@ -59,12 +62,15 @@ class EmbedConfig:
     """Replace a store made with another configuration instead of raising."""
 
     def __post_init__(self) -> None:
-        from dataengine.models import ARCHS
-
-        if self.model is not None and self.model not in ARCHS:
-            raise ValueError(f"model must be one of {', '.join(ARCHS)}, got {self.model!r}")
         if self.weights and self.checkpoint:
             raise ValueError("give weights=FILE or checkpoint=RUN, not both")
+        spec = self.model_spec
+        if spec.pretrained and (self.weights or self.checkpoint):
+            raise ValueError(f"model {spec.text!r} names its own weights: drop "
+                             + ("--weights" if self.weights else "--checkpoint"))
+        if spec.kind in ("torchscript", "entry") and (self.sobel or self.layer):
+            raise ValueError(f"--sobel and --layer apply to architectures, not to the {spec.kind} model "
+                             f"{spec.text!r}: make the model return the feature wanted")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("image_size", "chunks_per_shard"):
@@ -80,6 +86,21 @@ class EmbedConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def model_spec(self) -> Any:
+        """The parsed ``model`` (:class:`dataengine.pretrained.ModelSpec`); a checkpoint's architecture is
+        read when the network is built."""
+        from dataengine.models import ARCHS
+        from dataengine.pretrained import ModelSpec, parse_model_spec
+
+        name = self.model or "resnet18"
+        return ModelSpec(name, "arch", arch=name) if name in ARCHS else parse_model_spec(name)
+
+    @property
+    def random_init(self) -> bool:
+        """True when the network runs with random weights (no checkpoint, weights file or pretrained model)."""
+        return not (self.checkpoint or self.weights or self.model_spec.pretrained)
 
     @property
     def resolved_resize_size(self) -> int:

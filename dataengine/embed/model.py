@@ -3,7 +3,6 @@ pass (AMP and channels_last on CUDA only) and the automatic batch size."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -35,44 +34,56 @@ class EmbedModel:
     dim: int
     weights: dict[str, Any] | None
     checkpoint: dict[str, Any] | None
-
-
-def _file_digest(path: str) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"name": os.path.basename(path.rstrip("/")), "sha256": digest.hexdigest()}
+    record: dict[str, Any]
+    """What the network was built from: name, kind, source, sha256 of the weights (and of their file)."""
 
 
 def build_model(config: EmbedConfig) -> EmbedModel:
+    """The network ``config`` names, on its device, with the record of what it was built from."""
     from dataengine import models
+    from dataengine.pretrained import build_arch_backbone, build_external
 
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)  # random init must be identical on every rank and every resume
     weights = checkpoint = None
+    spec = config.model_spec
     if config.checkpoint:
         backbone = models.load_checkpoint(config.checkpoint)
         if config.model and config.model != backbone.arch:
             raise ValueError(f"model {config.model} differs from the checkpoint's architecture {backbone.arch}")
         if config.sobel and not backbone.has_sobel:
             raise ValueError("sobel=True, but the checkpoint's backbone has no Sobel layer")
+        path = models.checkpoint_file(config.checkpoint)
         # The weights, not the file: a checkpoint re-saved with other optimizer state embeds the same.
-        checkpoint = {"name": os.path.basename(models.checkpoint_file(config.checkpoint).rstrip("/")),
-                      "weights_sha256": models.weights_digest(backbone)}
+        digest = models.weights_digest(backbone)
+        checkpoint = {"name": os.path.basename(path.rstrip("/")), "weights_sha256": digest}
+        record = {"name": backbone.arch, "kind": "checkpoint", "source": os.path.abspath(path),
+                  "weights_sha256": digest, "file_sha256": None}
+    elif spec.kind in ("torchscript", "entry"):
+        extractor, built = build_external(spec)
+        return _on_device(config, extractor.to(device).eval(), device, spec.text, False, None, None,
+                          built.to_dict())
     else:
-        backbone, _ = models.build_backbone(config.model or "resnet18", config.sobel)
+        # Random init must be identical on every rank and every resume: seeded inside.
+        backbone, built = build_arch_backbone(spec, config.sobel, config.seed, config.weights)
+        record = built.to_dict()
         if config.weights:
-            models.load_weights(backbone, config.weights)
-            weights = _file_digest(config.weights)
+            weights = {"name": os.path.basename(config.weights.rstrip("/")), "sha256": built.file_sha256}
     extractor = models.FeatureExtractor(backbone, config.layer).to(device).eval()
+    return _on_device(config, extractor, device, backbone.arch, backbone.has_sobel, weights, checkpoint, record)
+
+
+def _on_device(config: EmbedConfig, extractor: Any, device: Any, arch: str, sobel: bool,
+               weights: dict[str, Any] | None, checkpoint: dict[str, Any] | None,
+               record: dict[str, Any]) -> EmbedModel:
+    from dataengine import models
+
     amp = device.type == "cuda" if config.amp is None else config.amp
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
     if channels_last:
         extractor = extractor.to(memory_format=torch.channels_last)
     dim = models.feature_dim(extractor, config.image_size)
-    return EmbedModel(extractor, device, amp, channels_last, backbone.arch, backbone.has_sobel, extractor.layer, dim,
-                  weights, checkpoint)
+    return EmbedModel(extractor, device, amp, channels_last, arch, sobel, extractor.layer, dim, weights, checkpoint,
+                      record)
 
 
 def forward(model: EmbedModel, images: Any) -> np.ndarray:

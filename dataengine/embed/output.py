@@ -29,7 +29,8 @@ MIN_CHUNK_BYTES = 1 << 20
 
 def output_config(config: EmbedConfig, model: EmbedModel, batch_size: int, chunk_rows: int) -> dict[str, Any]:
     return {"model": model.arch, "sobel": model.sobel, "weights": model.weights, "checkpoint": model.checkpoint,
-            "layer": model.layer, "image_size": config.image_size, "resize_size": config.resolved_resize_size,
+            "model_name": model.record["name"], "model_kind": model.record["kind"],
+            "weights_sha256": model.record["weights_sha256"], "layer": model.layer, "image_size": config.image_size, "resize_size": config.resolved_resize_size,
             "batch_size": batch_size, "dtype": config.dtype, "chunk_rows": chunk_rows,
             "chunks_per_shard": config.chunks_per_shard, "seed": config.seed,
             "precision": "bfloat16" if model.amp else "float32", "channels_last": model.channels_last,
@@ -94,21 +95,24 @@ def _create(config: EmbedConfig, shard_set: ShardSet, model: EmbedModel, wanted:
 
 def _store_attrs(config: EmbedConfig, shard_set: ShardSet, model: EmbedModel, wanted: dict[str, Any],
                  layout: StoreLayout) -> dict[str, Any]:
-    from dataengine.models import IMAGENET_MEAN, IMAGENET_STD
-
     return {
         "num_rows": layout.num_rows, "dim": layout.dim, "dtype": layout.dtype, "chunk_rows": layout.chunk_rows,
         "rows_per_block": layout.rows_per_block, "num_blocks": layout.num_blocks,
         "model": {"arch": model.arch, "sobel": model.sobel, "weights": model.weights, "checkpoint": model.checkpoint,
-                  "init": "weights" if (model.weights or model.checkpoint) else f"random (seed {config.seed})"},
+                  "init": f"random (seed {config.seed})" if config.random_init else "weights", **model.record},
         "layer": model.layer,
         "preprocessing": {"decode": "RGB", "resize_shorter_side": config.resolved_resize_size,
                           "interpolation": "bilinear", "center_crop": config.image_size,
-                          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                          "mean": _scaled(model.extractor.mean), "std": _scaled(model.extractor.std)},
         "source": {"url": shard_set.url, "digest": shard_set.digest, "num_samples": shard_set.num_samples,
                    "num_shards": len(shard_set.shards)},
         "config": wanted,
     }
+
+
+def _scaled(buffer: Any) -> list[float]:
+    """The normalisation a model applies, in the [0, 1] pixel scale (its buffers hold 255 times that)."""
+    return [round(float(v) / 255.0, 6) for v in buffer.flatten().cpu()]
 
 
 def layout_of(attrs: dict[str, Any]) -> StoreLayout:

@@ -171,3 +171,21 @@ def test_linear_probe_separates_blobs_and_ignores_constant_features():
     assert torch.isfinite(probe.layer.weight).all() and probe.std[0] == 1.0
     again = train_linear_probe(features, targets, 3)
     assert torch.equal(probe.layer.weight, again.layer.weight)
+
+
+def test_a_pretrained_model_is_evaluated_without_checkpoint_or_random(splits, tmp_path, monkeypatch):
+    """``arch`` may be any model embed takes: an entry point building the seed-0 small convnet scores what the
+    seed-0 random init scores."""
+    (tmp_path / "entry").mkdir()
+    (tmp_path / "entry" / "eval_models.py").write_text(
+        "import torch\nfrom dataengine.models import build_backbone\n\n\n"
+        "def small_seed0():\n    torch.manual_seed(0)\n    return build_backbone('small')[0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "entry"))
+    fast = dict(FAST, arch="eval_models:small_seed0")
+    pretrained = run_eval(EvalConfig(train=splits["train"], test=splits["test"], **fast))
+    random = run_eval(EvalConfig(train=splits["train"], test=splits["test"], random=True, seed=0, **FAST))
+    scores = ("linear_top1", "knn_top1", "linear_train_top1", "num_train", "num_test", "feature_dim")
+    assert [getattr(pretrained, k) for k in scores] == [getattr(random, k) for k in scores]
+    assert pretrained.model["kind"] == "entry" and pretrained.model["init"] == "weights"
+    with pytest.raises(ValueError, match="exactly one"):
+        EvalConfig(train="a", test="b", random=True, **fast)
