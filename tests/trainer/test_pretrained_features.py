@@ -10,7 +10,8 @@ from PIL import Image
 
 from dataengine.ingest import IngestConfig, run_ingest
 from dataengine.store import open_store
-from trainer.loop import TrainConfig, run_train
+from trainer.config import TrainConfig
+from trainer.loop import run_train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,10 +29,11 @@ def test_clusterfit_clusters_the_features_of_an_entry_point(tmp_path, monkeypatc
         "import torch\nfrom torch import nn\n\n\ndef pooled():\n    torch.manual_seed(1)\n"
         "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n")
     monkeypatch.syspath_prepend(str(tmp_path / "entry"))
-    result = run_train(TrainConfig(shards=str(tmp_path / "ingest"), out=str(tmp_path / "run"), mode="clusterfit",
-                                   arch="small", image_size=32, epochs=1, levels=(2,), pca_dim=4, kmeans_iterations=2,
-                                   batch_size=4, workers=0, buffer_size=8, num_threads=1,
-                                   features_from="fit_models:pooled"))
+    config = TrainConfig.from_flat(dict(
+        shards=str(tmp_path / "ingest"), out=str(tmp_path / "run"), mode="clusterfit", arch="small", image_size=32,
+        epochs=1, levels=(2,), pca_dim=4, kmeans_iterations=2, batch_size=4, workers=0, buffer_size=8,
+        num_threads=1, features_from="fit_models:pooled"))
+    result = run_train(config)
     assert result.steps > 0
     attrs = open_store(str(tmp_path / "run" / "features" / "epoch000")).attrs
     assert attrs["model"]["kind"] == "entry" and attrs["model"]["source"] == "fit_models:pooled" and attrs["dim"] == 8
