@@ -19,3 +19,8 @@ class OutputExistsError(DataEngineError):
 
 class IncompleteOutputError(DataEngineError):
     """An output a stage depends on is missing its manifest (it is incomplete)."""
+
+
+class InputCorruptError(InputUnusableError):
+    """An input file is truncated or malformed as a whole (a cut ``.gz``, a corrupt tar header); the message
+    names the file and what is wrong with it."""

@@ -15,12 +15,14 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
+from dataengine.errors import InputCorruptError, InputUnusableError
+
 if TYPE_CHECKING:
     import fsspec
 
 # fsspec is imported only for remote URLs (or when a caller asks for a filesystem object): local paths go
 # through os and open, and fsspec's import (~35 ms, asyncio included) is off every local command's start-up.
-_COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".bz2": "bz2"}
+_COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".tgz": "gzip", ".bz2": "bz2"}
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -82,6 +84,20 @@ def open_input(url: str, storage_options: dict[str, Any] | None = None, mode: st
 _LINE_CHUNK = 1 << 20
 
 
+def is_decompression_error(exc: BaseException) -> bool:
+    """True for the errors gzip, bz2 and lzma raise on truncated or corrupt compressed data.
+
+    (bz2 raises a bare ``OSError`` without errno, unlike the I/O errors of the file underneath.)
+    """
+    import gzip
+    import lzma
+    import zlib
+
+    if isinstance(exc, (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)):
+        return True
+    return type(exc) is OSError and exc.errno is None and "data stream" in str(exc)
+
+
 def iter_lines(url: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None) -> Iterator[bytes]:
     """Yield the lines of a (possibly compressed, possibly remote) file as bytes, without line endings.
 
@@ -89,7 +105,17 @@ def iter_lines(url: str, storage_options: dict[str, Any] | None = None, max_byte
     ``max_bytes + 1`` bytes, so that the caller can tell it apart, and the rest of it is skipped without being
     held in memory: a file without newlines cannot exhaust memory.
     """
-    limit = max_bytes if max_bytes is not None else -1
+    try:
+        yield from _lines(url, storage_options, -1 if max_bytes is None else max_bytes)
+    except IsADirectoryError as exc:
+        raise InputUnusableError(f"{url} is a folder, not a file") from exc
+    except Exception as exc:  # decompression errors become one named error; anything else propagates
+        if is_decompression_error(exc):
+            raise InputCorruptError(f"{url}: truncated or corrupt compressed data ({type(exc).__name__}: {exc})") from exc
+        raise
+
+
+def _lines(url: str, storage_options: dict[str, Any] | None, limit: int) -> Iterator[bytes]:
     with open_input(url, storage_options) as handle:
         pending = b""  # the start of a line whose end is in a later chunk
         skipping = False  # ``pending`` is already over the limit: drop bytes up to the line's newline

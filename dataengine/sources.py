@@ -35,9 +35,9 @@ from typing import Any
 
 from dataengine import yfcc
 from dataengine.download import Downloader
-from dataengine.errors import InputUnusableError
-from dataengine.fs import is_remote, iter_lines, open_input, url_to_fs
-from dataengine.tario import scan_tar
+from dataengine.errors import InputCorruptError, InputUnusableError
+from dataengine.fs import is_decompression_error, is_remote, iter_lines, open_input, url_to_fs
+from dataengine.tario import iter_members, scan_tar
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +103,56 @@ def iter_rows(yfcc_url: str | None, images_url: str | None, storage_options: dic
                 yield Row(index, line=line)
                 index += 1
     elif images_url and _is_tar(images_url):
-        yield from _iter_tar_rows(images_url, storage_options)
+        try:
+            yield from _iter_tar_rows(images_url, storage_options)
+        except Exception as exc:  # a malformed archive is one named error; I/O errors propagate unchanged
+            if isinstance(exc, tarfile.TarError) or is_decompression_error(exc):
+                raise InputCorruptError(f"images tar {images_url}: {type(exc).__name__}: {exc}") from exc
+            raise
     elif images_url:
         yield from _iter_folder_rows(images_url, storage_options)
     else:
         raise ValueError("give --yfcc META (with --images ROOT or --download) or --images FOLDER_OR_TAR")
+
+
+def check_inputs(yfcc_url: str | None, images_url: str | None, download: bool,
+                 storage_options: dict[str, Any]) -> None:
+    """Check that the inputs exist and are what they should be (a file, a folder), before any output is made.
+
+    Raises:
+        InputUnusableError: an input is missing, a folder where a file is expected or the reverse, or
+            unreadable.
+        InputCorruptError: the metadata file's compression is broken from its first bytes.
+    """
+    if yfcc_url:
+        _check_kind(yfcc_url, "file", "metadata file", storage_options)
+        try:
+            with open_input(yfcc_url, storage_options) as handle:
+                handle.read(1)
+        except Exception as exc:  # the first bytes tell a wrong compression; anything else propagates
+            if is_decompression_error(exc):
+                raise InputCorruptError(f"metadata file {yfcc_url}: {type(exc).__name__}: {exc}") from exc
+            raise
+    if images_url and not download:
+        tar = not yfcc_url and _is_tar(images_url)
+        _check_kind(images_url, "file" if tar else "folder", "images tar" if tar else "images folder",
+                    storage_options)
+
+
+def _check_kind(url: str, kind: str, what: str, storage_options: dict[str, Any]) -> None:
+    if is_remote(url):
+        fs, path = url_to_fs(url, storage_options)
+        is_dir = fs.isdir(path)
+        exists = is_dir or fs.exists(path)
+    else:
+        path = _local_path(url)
+        exists, is_dir = os.path.exists(path), os.path.isdir(path)
+    if not exists:
+        raise InputUnusableError(f"{what} {url} does not exist")
+    if is_dir != (kind == "folder"):
+        raise InputUnusableError(f"{what} {url} is a {'folder' if is_dir else 'file'}, not a {kind}")
+    if not is_remote(url) and not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+        raise InputUnusableError(f"{what} {url} is not readable (permission denied)")
 
 
 def _is_tar(url: str) -> bool:
@@ -133,19 +178,19 @@ def _iter_tar_rows(tar_url: str, storage_options: dict[str, Any]) -> Iterator[Ro
         for index, (name, offset, size) in enumerate(members):
             yield Row(index, path=name, offset=offset, size=size, error=_too_large(size))
         return
-    # Streaming mode ("r|*") reads the tar front to back once, so it works on object storage too.
-    with open_input(tar_url, storage_options) as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
+    # Compressed or remote: one front-to-back read of the stream (members kept in memory, one at a time).
+    with open_input(tar_url, storage_options) as stream:
         index = 0
-        for member in archive:
-            if not member.isfile() or not is_image_name(member.name):
-                continue
-            error = _too_large(member.size)
-            handle = archive.extractfile(member) if error is None else None
-            yield Row(index, path=member.name, data=handle.read() if handle else b"", error=error)
-            index += 1
+        for name, data in iter_members(stream, max_bytes=MAX_FILE_BYTES):
+            if is_image_name(name):
+                yield Row(index, path=name, data=data, error=None if data is not None else _too_large())
+                index += 1
 
 
-def _too_large(size: int) -> str | None:
+def _too_large(size: int | None = None) -> str | None:
+    """The row error of a file over :data:`MAX_FILE_BYTES` (``size`` unknown: a skipped tar member)."""
+    if size is None:
+        return f"more than the {MAX_FILE_BYTES} bytes read at most"
     return f"{size} bytes, more than the {MAX_FILE_BYTES} read at most" if size > MAX_FILE_BYTES else None
 
 
@@ -309,7 +354,7 @@ class Fetcher:
         except PermissionError as exc:
             raise _Unusable("missing", f"{type(exc).__name__}: {exc}") from None
         if len(data) > MAX_FILE_BYTES:
-            raise _Unusable("corrupt", f"more than the {MAX_FILE_BYTES} bytes read at most")
+            raise _Unusable("corrupt", _too_large())
         return data
 
 

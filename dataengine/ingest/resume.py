@@ -71,27 +71,42 @@ def read_part(out: Location, part: str, columns: list[str] | None = None) -> "pa
     return table
 
 
-def check_config(out: Location, config: IngestConfig) -> bool:
-    """Record the output config, or check it against the recorded one. True when the ingest is complete."""
-    wanted = config.output_config()
-    if out.exists("ingest_config.json"):
-        recorded = out.read_json("ingest_config.json")
-        if recorded != wanted:
-            if not config.overwrite:
-                raise OutputExistsError(
-                    f"{out.url} holds an ingest made with another configuration ({recorded}); "
-                    "use another --out or --overwrite"
-                )
-            _clear(out)
-        else:
-            return out.exists("manifest.json")
+def check_output(out: Location, config: IngestConfig) -> str:
+    """What ``out`` holds for ``config``, found without writing anything.
+
+    Returns:
+        ``"complete"`` (nothing to do), ``"partial"`` (resume it), ``"new"``, or ``"replace"``: another
+        configuration, replaced because of ``overwrite``, or because it recorded no work at all (what a
+        command that failed on its input leaves, which must not make the corrected command refuse ``out``).
+
+    Raises:
+        OutputExistsError: ``out`` holds work of another configuration and ``overwrite`` is not set.
+    """
+    if not out.exists("ingest_config.json"):
+        return "new"
+    recorded = out.read_json("ingest_config.json")
+    if recorded == config.output_config():
+        return "complete" if out.exists("manifest.json") else "partial"
+    if config.overwrite or (config.num_nodes == recorded.get("num_nodes") == 1 and not _work_recorded(out)):
+        return "replace"
+    raise OutputExistsError(f"{out.url} holds an ingest made with another configuration ({recorded}); "
+                            "use another --out or --overwrite")
+
+
+def _work_recorded(out: Location) -> bool:
+    return bool(out.exists("manifest.json") or out.listdir("stats") or out.listdir("nodes"))
+
+
+def start_output(out: Location, config: IngestConfig, replace: bool) -> None:
+    """Create ``out`` and record ``config`` in it (first removing what another configuration left)."""
+    if replace:
+        _clear(out)
     out.makedirs()
-    out.write_json("ingest_config.json", wanted)
-    return False
+    out.write_json("ingest_config.json", config.output_config())
 
 
 def _clear(out: Location) -> None:
-    logger.warning("--overwrite: removing the previous ingest in %s", out.url)
+    logger.warning("removing the previous ingest (another configuration) in %s", out.url)
     for folder in ("shards", "stats", "ledger", "meta", "nodes"):
         if out.exists(folder):
             out.fs.rm(out.path(folder), recursive=True)

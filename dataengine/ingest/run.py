@@ -12,9 +12,9 @@ from dataengine.fs import Location
 from dataengine.ingest.config import IngestConfig, IngestResult
 from dataengine.ingest.merging import merge
 from dataengine.ingest.pipeline import blocks_of, ordered_results
-from dataengine.ingest.resume import check_config, resume_state
+from dataengine.ingest.resume import check_output, resume_state, start_output
 from dataengine.ingest.writer import ShardWriter
-from dataengine.sources import iter_rows
+from dataengine.sources import check_inputs, iter_rows
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +27,21 @@ def run_ingest(config: IngestConfig, progress: Callable[[int], None] | None = No
         progress: called with the number of input rows just finished.
 
     Raises:
-        InputUnusableError: the input has no rows, or no row gave a usable image.
+        InputUnusableError: the input is missing, has no rows, or no row gave a usable image (nothing is
+            written when the input is missing or not what it should be).
+        InputCorruptError: the metadata file or the images tar is truncated or malformed.
         OutputExistsError: ``out`` holds an ingest with another configuration (and not ``overwrite``).
     """
     start = time.perf_counter()
     out = Location(config.out, config.storage_options)
-    if check_config(out, config):
+    found = check_output(out, config)
+    if found == "complete":
         manifest = out.read_json("manifest.json")
         logger.info("%s is already complete (%d shards); nothing to do", out.url, manifest["num_shards"])
         return _result(out, manifest, time.perf_counter() - start, manifest["num_shards"])
+    check_inputs(config.yfcc, config.images, config.download, config.storage_options)  # before writing anything
+    if found != "partial":
+        start_output(out, config, replace=found == "replace")
     state = resume_state(out, config)
     if state.next_index:
         logger.info("resuming: %d stats files done, continuing at input row %d", state.next_index, state.input_end)

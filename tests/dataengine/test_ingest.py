@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import io
 import json
@@ -260,8 +261,6 @@ def test_input_and_output_on_s3(tmp_path, s3_server, s3_bucket):
     lines = [yfcc_line(i, i) for i in range(6)]
     for i in range(6):
         fs.pipe(f"{s3_bucket}/photos/{i}.jpg", _jpeg(i))
-    import gzip
-
     fs.pipe(f"{s3_bucket}/meta.tsv.gz", gzip.compress(("\n".join(lines) + "\n").encode()))
     local = run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "local"), workers=0))
     remote = run_ingest(IngestConfig(images=f"{s3_bucket}/imgs", out=f"{s3_bucket}/out", workers=1,
@@ -332,27 +331,6 @@ def test_synth_corpus_round_trips_through_ingest(tmp_path):
     table = pq.read_table(tmp_path / "out" / "metadata.parquet")
     assert table["key"].to_pylist() == [s[0] for s in samples]
     assert table["tags"].to_pylist() == [s[2]["tags"] for s in samples]
-
-
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_tar_header_scan_matches_tarfile(tmp_path, fmt):
-    from dataengine.tario import iter_members, scan_tar
-
-    path = tmp_path / "t.tar"
-    with tarfile.open(path, "w", format=fmt) as archive:
-        for name in ("a/b.jpg", "d" * 60 + "/" + "e" * 80 + ".jpg", "x" * 150 + ".jpg", "caf\u00e9/\u6771.jpg"):
-            if fmt == tarfile.USTAR_FORMAT and len(name) > 100 and "/" not in name:
-                continue  # not representable in plain ustar
-            info = tarfile.TarInfo(name)
-            data = name.encode() * 3
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    with tarfile.open(path) as archive:
-        expected = [(m.name, m.offset_data, m.size) for m in archive if m.isfile()]
-        contents = [(m.name, archive.extractfile(m).read()) for m in archive if m.isfile()]
-    assert list(scan_tar(str(path))) == expected and expected
-    with open(path, "rb") as handle:
-        assert list(iter_members(handle)) == contents
 
 
 # ------------------------------------------------------------------------------------------ worker transport
@@ -471,27 +449,6 @@ def test_a_killed_worker_stops_the_run_which_then_resumes_to_identical_output(tm
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
-def test_tar_readers_reject_corrupt_headers_and_truncated_members(tmp_path):
-    from dataengine.tario import iter_members, scan_tar
-
-    path = tmp_path / "t.tar"
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
-        for name in ("a.jpg", "a.json"):
-            info = tarfile.TarInfo(name)
-            info.size = 700
-            archive.addfile(info, io.BytesIO(b"x" * 700))
-    data = path.read_bytes()
-    corrupt = tmp_path / "corrupt.tar"
-    corrupt.write_bytes(data[:1536] + b"garbage" + data[1543:])  # inside the second header
-    truncated = tmp_path / "truncated.tar"
-    truncated.write_bytes(data[:1536 + 512 + 100])  # the second member's data cut short
-    for bad in (corrupt, truncated):
-        with open(bad, "rb") as handle, pytest.raises(tarfile.ReadError):
-            list(iter_members(handle))
-    with pytest.raises(tarfile.ReadError):
-        list(scan_tar(str(corrupt)))
-
-
 # ------------------------------------------------------------------------------------------ hostile metadata
 
 
@@ -523,3 +480,58 @@ def test_hostile_metadata_rows_get_a_status_and_never_stop_the_run(tmp_path):
     assert by_key["103"]["accuracy"] is None and by_key["104"]["date_uploaded"] is None
     assert {row["source"] for row in table} == {f"{photo_id}.jpg" for photo_id in rows}
     assert run_ingest(config).counts == result.counts  # the re-run is a no-op, not a crash
+
+
+# ------------------------------------------------------------------------------------------ bad inputs as a whole
+
+
+def test_a_metadata_folder_or_a_broken_gz_is_one_named_error_and_creates_nothing(tmp_path):
+    from dataengine.errors import InputCorruptError
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "1.jpg").write_bytes(_jpeg(1))
+    lines = "\n".join(yfcc_line(i, i) for i in range(400)) + "\n"
+    compressed = gzip.compress(lines.encode())
+    (tmp_path / "cut.tsv.gz").write_bytes(compressed[: len(compressed) // 2])
+    (tmp_path / "plain.tsv.gz").write_text(lines)  # not gzip at all
+    (tmp_path / "meta.d").mkdir()
+    cases = [("meta.d", InputUnusableError, "is a folder"), ("nope.tsv", InputUnusableError, "does not exist"),
+             ("plain.tsv.gz", InputCorruptError, "Not a gzipped file")]
+    for name, error, message in cases:
+        out = tmp_path / f"out-{name}"
+        with pytest.raises(error, match=message):
+            run_ingest(IngestConfig(yfcc=str(tmp_path / name), images=str(tmp_path / "img"), out=str(out), workers=0))
+        assert not out.exists(), f"{name}: a failed input check created {out}"
+    with pytest.raises(InputCorruptError, match="cut.tsv.gz: truncated or corrupt compressed data"):
+        run_ingest(IngestConfig(yfcc=str(tmp_path / "cut.tsv.gz"), images=str(tmp_path / "img"),
+                                out=str(tmp_path / "out-cut"), workers=1))
+    for name in ("meta.d", "cut.tsv.gz"):  # through the command: one line, no traceback
+        result = subprocess.run([sys.executable, "-m", "dataengine", "ingest", "--yfcc", str(tmp_path / name),
+                                 "--images", str(tmp_path / "img"), "--out", str(tmp_path / "o2"), "--workers", "0"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "Traceback" not in result.stderr and name in result.stderr, result.stderr
+
+
+def test_a_failed_command_does_not_make_the_corrected_one_refuse_the_output(tmp_path):
+    from dataengine.errors import InputCorruptError
+
+    make_folder(tmp_path / "imgs" / "train", num_per_class=2)
+    with tarfile.open(tmp_path / "good.tar", "w") as archive:
+        archive.add(tmp_path / "imgs" / "train", arcname="train")
+    out = str(tmp_path / "x")
+    with pytest.raises(InputUnusableError, match="nope.tar does not exist"):
+        run_ingest(IngestConfig(images=str(tmp_path / "nope.tar"), out=out, workers=0))
+    assert not os.path.exists(out)
+    # An input that fails only once it is read (a corrupt first header) leaves a config but no work...
+    (tmp_path / "bad.tar").write_bytes(b"\x01" * 1024)
+    with pytest.raises(InputCorruptError):
+        run_ingest(IngestConfig(images=str(tmp_path / "bad.tar"), out=out, workers=0))
+    # ...which does not bind the corrected command either.
+    assert run_ingest(IngestConfig(images=str(tmp_path / "good.tar"), out=out, workers=0)).counts["ok"] == 6
+    # Done work still binds, and --overwrite with an input that does not exist destroys nothing.
+    with pytest.raises(OutputExistsError):
+        run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=out, workers=0))
+    before = ingest_files(out)
+    with pytest.raises(InputUnusableError):
+        run_ingest(IngestConfig(images=str(tmp_path / "typo.tar"), out=out, workers=0, overwrite=True))
+    assert ingest_files(out) == before
