@@ -1,6 +1,6 @@
 """Ingest: photos + YFCC100M metadata (or an image folder / tar) -> webdataset shards, resumably.
 
-Design (see README, "Ingest output"):
+Design (README, section "Ingest", and its output layout):
 
 * The main process enumerates input rows in order and hands blocks of rows to ``workers`` processes, which
   fetch bytes (read, or download), normalise images and build each sample's tar members (through a shared
