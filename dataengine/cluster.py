@@ -145,7 +145,7 @@ def run_cluster(config: ClusterConfig, progress: Callable[[int], None] | None = 
     reducer = reducer or LocalReducer()
     store = open_store(config.store, config.storage_options, mode="r+")
     _prepare(store, config, reducer.rank)
-    _barrier(reducer)
+    reducer.barrier()
     features = store.features
     lo, hi = _rank_bounds(store.num_rows, features.chunks[0], reducer.rank, reducer.world_size)
     pca, result = _fit(features, lo, hi, config, reducer, progress)
@@ -156,7 +156,7 @@ def run_cluster(config: ClusterConfig, progress: Callable[[int], None] | None = 
         _write_model(store, config, pca, result)
         if config.neighbor_index and reducer.world_size == 1:
             index_kind = _write_neighbor_index(store, config, features, pca, lo, hi)
-    _barrier(reducer)
+    reducer.barrier()
     stats = [level.to_dict() for level in result.levels]
     summary = ClusterResult(
         store=store.url, name=config.name, levels=list(config.levels),
@@ -198,11 +198,11 @@ def _write_assignments(store: FeatureStore, config: ClusterConfig, result: Any, 
         if reducer.rank == 0:
             store.group.create_array(path, shape=(store.num_rows,), dtype="int32", chunks=(chunk * 4,),
                                      overwrite=True, fill_value=-1)
-        _barrier(reducer)
+        reducer.barrier()
         ids = np.where(valid, level_result.assignments, -1).astype(np.int32)
         if hi > lo:
             store.group[path][lo:hi] = ids
-    _barrier(reducer)
+    reducer.barrier()
 
 
 def _write_model(store: FeatureStore, config: ClusterConfig, pca: Any, result: Any) -> None:
@@ -232,11 +232,6 @@ def _write_neighbor_index(store: FeatureStore, config: ClusterConfig, features: 
     store.write_array(f"clusterings/{config.name}/neighbor_index",
                       np.frombuffer(index_to_bytes(index), dtype=np.uint8), attrs=plan.to_dict())
     return plan.kind
-
-
-def _barrier(reducer: Any) -> None:
-    if reducer.world_size > 1:
-        reducer.all_reduce_sum(np.zeros(1))
 
 
 # ----------------------------------------------------------------------------------------------- using it

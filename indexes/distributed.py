@@ -1,16 +1,29 @@
-"""Reductions across ranks for the clustering algorithms.
+"""Everything that crosses ranks: the process group, its small collectives, and the clustering reductions.
 
-The algorithms talk to a :class:`Reducer`, never to ``torch.distributed`` directly, so one code path runs
-in a single process (:class:`LocalReducer`, every reduction is the identity) and on many ranks
-(:class:`TorchReducer`). What crosses ranks is always small and independent of the number of rows:
-k x d sums and k counts per k-means iteration, one (k, d) buffer for the initial centroids, and a few
-counts per group while selecting the training sample (:func:`kth_smallest`).
+The process group (under ``torchrun``) is set up here and nowhere else: :func:`process_group` (or
+:func:`init` / :func:`teardown`) joins the group that torchrun's environment describes, choosing the backend
+from where this rank's tensors live (NCCL only for CUDA tensors, gloo otherwise) and the CUDA device from
+``LOCAL_RANK``. Without torchrun (``WORLD_SIZE`` unset or 1) it does nothing and every collective below is the
+identity, so one code path serves one process and many ranks. Every stage (embed, cluster, train) uses
+:func:`rank`, :func:`world_size`, :func:`barrier`, :func:`all_true`, :func:`min_over_ranks` and
+:func:`max_over_ranks` on the default group; torch is imported only once a group exists.
+
+The clustering algorithms talk to a :class:`Reducer`, never to ``torch.distributed`` directly
+(:class:`LocalReducer` in one process, :class:`TorchReducer` on many ranks). What crosses ranks is always
+small and independent of the number of rows: k x d sums and k counts per k-means iteration, one (k, d) buffer
+for the initial centroids, and a few counts per group while selecting the training sample
+(:func:`kth_smallest`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Protocol, runtime_checkable
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -37,6 +50,10 @@ class Reducer(Protocol):
         """Element-wise sum of ``array`` over the ranks, returned on every rank (same shape and dtype)."""
         ...
 
+    def barrier(self) -> None:
+        """Wait until every rank of the group gets here."""
+        ...
+
 
 class LocalReducer:
     """The reducer of a single process: every reduction returns its input."""
@@ -47,6 +64,9 @@ class LocalReducer:
     def all_reduce_sum(self, array: np.ndarray) -> np.ndarray:
         """Return ``array`` unchanged (there is no other rank)."""
         return np.asarray(array)
+
+    def barrier(self) -> None:
+        """Return at once (there is no other rank)."""
 
 
 class TorchReducer:
@@ -90,6 +110,195 @@ class TorchReducer:
             tensor = tensor.cuda()
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM, group=self._group)
         return tensor.cpu().numpy().astype(array.dtype, copy=False)
+
+    def barrier(self) -> None:
+        """``torch.distributed.barrier`` over the group."""
+        if self._world_size > 1:
+            self._dist.barrier(group=self._group)
+
+
+# ------------------------------------------------------------------------------------------ process group
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Where this process runs: its rank among ``world_size`` and the device its tensors live on."""
+
+    rank: int = 0
+    """This process's rank (0 without torchrun)."""
+    world_size: int = 1
+    """Number of ranks (1 without torchrun)."""
+    local_rank: int = 0
+    """Rank on this machine (``LOCAL_RANK``), which picks the CUDA device."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda:N``: where the collectives' tensors (and the caller's) live."""
+    backend: str | None = None
+    """``gloo`` or ``nccl`` when a process group is joined, else None."""
+
+
+# True when init() created the default group (then teardown() destroys it); a group set up by the caller,
+# e.g. a test, is left to it.
+_owned = False
+
+
+def launched_world_size() -> int:
+    """``WORLD_SIZE`` from torchrun's environment (1 when it is not set)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _dist() -> Any:
+    """``torch.distributed`` when torch is loaded and a default group exists, else None (no torch import)."""
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _resolve(device: str, local_rank: int, ranks: int) -> str:
+    """``cpu`` or ``cuda:N`` for the requested ``device`` (``auto``: CUDA when available); several ranks on
+    CUDA use the device of their ``LOCAL_RANK``."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if device == "auto" and not torch.cuda.is_available():
+        return "cpu"
+    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if ranks > 1:
+        return f"cuda:{local_rank}"
+    return device if device.startswith("cuda:") else f"cuda:{torch.cuda.current_device()}"
+
+
+def backend_for(device: str) -> str:
+    """The process-group backend for tensors on ``device``: NCCL for CUDA, gloo for the CPU."""
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def init(device: str = "cpu") -> Placement:
+    """Join the process group described by torchrun's environment, once per process.
+
+    Args:
+        device: where this rank's tensors will live: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when
+            available). Under several ranks a CUDA device is the one of ``LOCAL_RANK`` (made current).
+
+    Returns:
+        this process's placement. Without torchrun (``WORLD_SIZE`` <= 1) nothing is joined. A group that
+        already exists (set up by the caller) is used as it is.
+    """
+    global _owned
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    ranks = launched_world_size()
+    dist = _dist()
+    if dist is not None:
+        backend = dist.get_backend()
+        resolved = _resolve(device, local_rank, dist.get_world_size())
+        return Placement(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                         device=resolved, backend=backend)
+    resolved = _resolve(device, local_rank, ranks)
+    if ranks <= 1:
+        return Placement(device=resolved)
+    import torch
+    import torch.distributed as dist
+
+    if resolved.startswith("cuda"):
+        torch.cuda.set_device(torch.device(resolved))
+    backend = backend_for(resolved)
+    dist.init_process_group(backend=backend)
+    _owned = True
+    logger.debug("rank %d of %d joined the process group (%s, %s)", dist.get_rank(), dist.get_world_size(),
+                 backend, resolved)
+    return Placement(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                     device=resolved, backend=backend)
+
+
+def teardown() -> None:
+    """Leave the process group :func:`init` joined (a caller's own group is left alone)."""
+    global _owned
+    dist = _dist()
+    if dist is not None and _owned:
+        dist.destroy_process_group()
+    _owned = False
+
+
+@contextlib.contextmanager
+def process_group(device: str = "cpu") -> Iterator[Placement]:
+    """:func:`init` on entry, :func:`teardown` on exit (also when the body raises)."""
+    placement = init(device)
+    try:
+        yield placement
+    finally:
+        teardown()
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 without one)."""
+    dist = _dist()
+    return dist.get_rank() if dist is not None else 0
+
+
+def world_size() -> int:
+    """Number of ranks in the default group (1 without one)."""
+    dist = _dist()
+    return dist.get_world_size() if dist is not None else 1
+
+
+def _collective(value: Any, dtype: str, op: str) -> Any:
+    """All-reduce one scalar of ``torch.<dtype>`` over the default group with ``op`` (MIN or MAX); None
+    without a group (or with one rank)."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return None
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=getattr(torch, dtype), device=device)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor.item()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (a no-op without a group)."""
+    dist = _dist()
+    if dist is not None and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_true(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank; every rank must call it (it is also a barrier)."""
+    reduced = _collective(1 if flag else 0, "int32", "MIN")
+    return bool(flag) if reduced is None else bool(reduced)
+
+
+def min_over_ranks(value: float) -> float:
+    """The smallest ``value`` over the ranks (float64), returned on every rank."""
+    reduced = _collective(float(value), "float64", "MIN")
+    return float(value) if reduced is None else float(reduced)
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest ``value`` over the ranks (float64), returned on every rank."""
+    reduced = _collective(float(value), "float64", "MAX")
+    return float(value) if reduced is None else float(reduced)
+
+
+def average_over_ranks_(tensors: list[Any]) -> None:
+    """Replace each tensor by its mean over the ranks, in place (gradients); every rank passes the same shapes."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+
+
+def reducer() -> "Reducer":
+    """The :class:`Reducer` of the default group: a :class:`TorchReducer` over several ranks, else local."""
+    return TorchReducer() if world_size() > 1 else LocalReducer()
+
+
+# ------------------------------------------------------------------------------------ clustering reductions
 
 
 def kth_smallest(sorted_keys: list[np.ndarray], ranks: np.ndarray, reducer: Reducer) -> np.ndarray:

@@ -18,7 +18,8 @@ uninterrupted run would have used (the stream is a pure function of seed, epoch,
 Modules: :mod:`trainer.config` (the run's options), :mod:`trainer.network` (backbone and heads),
 :mod:`trainer.labels` (targets of a clustering), :mod:`trainer.recluster` (embed + cluster inside the run),
 :mod:`trainer.step` (an epoch's input, a step's loss), :mod:`trainer.checkpoint`, :mod:`trainer.budget`
-(time budgets) and :mod:`trainer.parallel` (collectives); this module runs them.
+(time budgets) and :mod:`trainer.parallel` (gradient averaging; the other collectives are in
+:mod:`indexes.distributed`); this module runs them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from dataengine.shards import load_shard_set
+from indexes import distributed
 from trainer.augment import CropConfig
 from trainer.budget import Budget
 from trainer.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, checkpoint_path, config_json, \
@@ -42,7 +44,7 @@ from trainer.config import TrainConfig
 from trainer.data import EpochPlan
 from trainer.labels import Labels
 from trainer.network import Network, new_head
-from trainer.parallel import all_have_batch, all_reduce_grads, rank_and_world
+from trainer.parallel import all_reduce_grads
 from trainer.recluster import Reclusterer
 from trainer.step import epoch_loader, step_loss
 
@@ -75,7 +77,7 @@ class Trainer:
 
         self.config = config
         self.progress = progress
-        self.rank, self.world_size = rank_and_world()
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         os.makedirs(config.out, exist_ok=True)
         register_fsspec_opener(config.data.storage_options)
         self.shard_set = load_shard_set(config.data.shards, config.data.storage_options)
@@ -179,7 +181,7 @@ class Trainer:
         sums: dict[str, float] = {}
         count, start, images_seen = 0, time.perf_counter(), 0
         for images, rows in loader:
-            if self.step >= steps or not all_have_batch(not self.budget.out_of_time()):
+            if self.step >= steps or not distributed.all_true(not self.budget.out_of_time()):
                 break
             loss, stats = step_loss(self.config, self.network, self.labels, images, rows, self.epoch, self.rank,
                                     self.step)
@@ -196,7 +198,7 @@ class Trainer:
             if self.step % self.config.schedule.checkpoint_every == 0:
                 self.save()
         else:
-            all_have_batch(False)
+            distributed.all_true(False)
         seconds = time.perf_counter() - start
         return {key: value / max(count, 1) for key, value in sums.items()} | {
             "steps": count, "samples_per_second": images_seen * self.world_size / max(seconds, 1e-9)}

@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import nn
 
+from indexes.distributed import barrier, reducer
 from trainer.checkpoint import save_atomic
 from trainer.config import TrainConfig
 from trainer.labels import Labels
-from trainer.parallel import barrier, reducer
 
 
 def clustering_name(epoch: int) -> str:

@@ -8,13 +8,13 @@ from typing import Any
 import torch
 
 from dataengine.shards import ShardSet
+from indexes.distributed import min_over_ranks
 from trainer.augment import CropConfig
 from trainer.config import TrainConfig
 from trainer.data import EpochPlan, ShardStream, expected_samples, make_loader
 from trainer.labels import Labels
 from trainer.losses import super_targets
 from trainer.network import Network
-from trainer.parallel import min_over_ranks
 from trainer.rotation import random_rotations, rotate_batch
 from trainer.sampler import ClusterBalance, StreamConfig, torch_generator
 

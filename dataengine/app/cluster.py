@@ -17,22 +17,6 @@ def _levels(text: str) -> tuple[int, ...]:
     return levels
 
 
-def _reducer():
-    """A torch.distributed reducer under torchrun (gloo on CPU, NCCL on GPU), else None."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch
-    import torch.distributed as dist
-
-    from indexes.distributed import TorchReducer
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return TorchReducer()
-
-
 @app.command()
 def cluster(
     store: str = typer.Argument(..., help="Feature store written by `dataengine embed`."),
@@ -56,6 +40,7 @@ def cluster(
     from dataengine.cluster import ClusterConfig, run_cluster
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
+    from indexes import distributed
 
     try:
         config = ClusterConfig(
@@ -64,8 +49,9 @@ def cluster(
             index_memory_bytes=int(index_memory_gb * (1 << 30)), num_threads=threads, overwrite=overwrite,
             storage_options=parse_storage_options(storage_options),
         )
-        with progress_bar(f"cluster {name}") as update:
-            result = run_cluster(config, progress=update, reducer=_reducer())
+        # The reductions are of numpy arrays: gloo, whatever devices the machine has.
+        with distributed.process_group("cpu"), progress_bar(f"cluster {name}") as update:
+            result = run_cluster(config, progress=update, reducer=distributed.reducer())
     except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
         fail(str(exc))
     rows = [[level, k, f"{obj:.4g}", splits]

@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import Optional
 
 import typer
 
 from dataengine.app.cli import app, console, emit_summary, fail, progress_bar
-
-
-@contextlib.contextmanager
-def _process_group(device: str) -> Iterator[int]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL on GPU, gloo on CPU); yields the rank."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        yield 0
-        return
-    import torch
-    import torch.distributed as dist
-
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    try:
-        yield dist.get_rank()
-    finally:
-        dist.destroy_process_group()
 
 
 @app.command()
@@ -64,6 +42,7 @@ def embed(
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
     from dataengine.models import WeightsMismatchError
+    from indexes import distributed
 
     try:
         config = EmbedConfig(
@@ -73,15 +52,15 @@ def embed(
             chunk_rows=chunk_rows, chunks_per_shard=chunks_per_shard, seed=seed, device=device,
             num_threads=threads, storage_options=parse_storage_options(storage_options), overwrite=overwrite,
         )
-        with _process_group(device) as rank, progress_bar("embed rows") as update:
-            if rank == 0 and config.random_init:
+        with distributed.process_group(device) as placement, progress_bar("embed rows") as update:
+            if placement.rank == 0 and config.random_init:
                 console.print(f"[yellow]warning:[/yellow] no pretrained weights: embedding with a randomly "
                               f"initialised {config.model or 'resnet18'} (seed {seed}); name weights with --model "
                               "ARCH:WEIGHTS, --weights FILE or --checkpoint RUN", soft_wrap=True)
             result = run_embed(config, progress=lambda rows: update(rows))
     except (ValueError, DataEngineError, FileNotFoundError, MemoryError, WeightsMismatchError) as exc:
         fail(str(exc))
-    if rank != 0:
+    if placement.rank != 0:
         return
     console.print(f"{out}: {result.num_rows} rows x {result.dim}, {result.computed_rows} embedded in "
                   f"{result.seconds:.1f} s ({result.images_per_second:.1f} images/s), {result.resumed_blocks} of "

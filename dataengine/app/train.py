@@ -48,12 +48,12 @@ def train(
     """Train DeeperCluster (or DeepCluster, RotNet, ClusterFit) on streamed shards, resumably."""
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
+    from indexes.distributed import process_group
     from trainer.config import (ClusteringConfig, DataConfig, DistributedConfig, ModelConfig, OptimConfig,
                                 ScheduleConfig, TrainConfig)
     from trainer.loop import run_train
 
     try:
-        _init_distributed()
         config = TrainConfig(
             out=out, mode=mode, seed=seed,
             data=DataConfig(shards=shards, storage_options=parse_storage_options(storage_options),
@@ -67,7 +67,8 @@ def train(
                                     time_budget=time_budget, budget_clock=budget_clock),
             distributed=DistributedConfig(num_threads=threads),
         )
-        with progress_bar(f"train {mode}") as update:
+        # The trainer's tensors (gradients included) are on the CPU: gloo, whatever devices the machine has.
+        with process_group("cpu"), progress_bar(f"train {mode}") as update:
             result = run_train(config, progress=update)
     except (ValueError, FileNotFoundError, DataEngineError) as exc:
         fail(str(exc))
@@ -76,16 +77,6 @@ def train(
     print_table(f"train {mode}: {result.epochs} epochs, {result.steps} steps in {result.seconds:.1f} s",
                 ["epoch", "loss", "samples/s", "NMI t-1/t"], rows)
     emit_summary(dict(result.to_dict(), metrics=os.path.join(out, "metrics.jsonl")), as_json)
-
-
-def _init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 @app.command("eval")

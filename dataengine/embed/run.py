@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from dataengine.embed.blocks import Assembler, BlockWriter
 from dataengine.embed.config import EmbedConfig, EmbedResult
@@ -19,6 +18,7 @@ from dataengine.embed.output import finalize, layout_of, output_config, prepare_
 from dataengine.errors import OutputExistsError
 from dataengine.shards import ShardSet, load_shard_set
 from dataengine.store import FeatureStore, StoreLayout, inspect_existing, open_store
+from indexes import distributed
 from indexes.data import shard_bounds
 
 logger = logging.getLogger(__name__)
@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 def run_embed(config: EmbedConfig, progress: Callable[[int], None] | None = None) -> EmbedResult:
     """Embed every sample of ``config.shards`` into the feature store ``config.out``, resuming any earlier run.
 
-    Under ``torch.distributed`` (initialised by the caller, e.g. the CLI under ``torchrun``) every rank calls
-    this; rank 0 creates the store, each rank embeds its own blocks, rank 0 marks the store complete.
+    Under ``torch.distributed`` (joined by the caller: the CLI under ``torchrun`` uses
+    :func:`indexes.distributed.process_group`) every rank calls this; rank 0 creates the store, each rank
+    embeds its own blocks, rank 0 marks the store complete.
 
     Args:
         config: what to embed and how.
@@ -42,7 +43,7 @@ def run_embed(config: EmbedConfig, progress: Callable[[int], None] | None = None
     start = time.perf_counter()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    rank, world_size = _dist_info()
+    rank, world_size = distributed.rank(), distributed.world_size()
     shard_set = load_shard_set(config.shards, config.storage_options)
     model = build_model(config)
     store, wanted = _open_or_create(config, shard_set, model, rank)
@@ -71,13 +72,13 @@ def _embed_and_finalize(config: EmbedConfig, shard_set: ShardSet, store: Feature
         computed_rows = _embed_blocks(config, shard_set, store, layout, model, batch_size, blocks, progress)
     except Exception as exc:  # re-raised below, once the other ranks know
         error = exc
-    if not _all_ok(error is None, model.device):
+    if not distributed.all_true(error is None):
         if error is not None:
             raise error
         raise RuntimeError("another rank failed (see its log); re-run to resume: finished blocks are kept")
     if rank == 0:
         finalize(store)
-    _all_ok(True, model.device)  # the others return once the store is marked complete
+    distributed.barrier()  # the others return once the store is marked complete
     return computed_rows
 
 
@@ -92,7 +93,7 @@ def _open_or_create(config: EmbedConfig, shard_set: ShardSet, model: EmbedModel,
             prepare_store(config, shard_set, model, resolve_config(config, model, recorded), recorded)
         except Exception as exc:  # re-raised below, after telling the other ranks not to wait
             ok, error = False, exc
-    if not _all_ok(ok, model.device):
+    if not distributed.all_true(ok):
         if error is not None:
             raise error
         raise RuntimeError("rank 0 could not prepare the feature store; see its log")
@@ -151,17 +152,3 @@ def _result(config: EmbedConfig, store: FeatureStore, layout: StoreLayout, wante
                        images_per_second=computed_rows / max(seconds, 1e-9), rank=rank, world_size=world_size,
                        complete=bool(attrs.get("complete")), batch_size=wanted["batch_size"])
 
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_ok(ok: bool, device: Any) -> bool:
-    """True when ``ok`` on every rank (also a barrier); a no-op without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())

@@ -1,4 +1,5 @@
-"""Distributed k-means over 2 gloo processes equals the single-process run."""
+"""The process group and its collectives over 2 gloo processes; distributed k-means equals the single-process
+run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from indexes.data import ArrayDataset
+from indexes import distributed
 from indexes.distributed import LocalReducer, kth_smallest
 from indexes.hierarchical import HierarchicalKMeansConfig, fit_hierarchical_kmeans
 from indexes.kmeans import KMeansConfig, fit_kmeans
@@ -67,12 +69,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Run the 2 ranks once and load their outputs."""
+def _spawn(worker, args: tuple) -> None:
+    """Run ``worker(rank, *args)`` in WORLD_SIZE spawned processes and wait for all of them (at most 180 s)."""
     import torch.multiprocessing as mp
 
-    out_dir = tmp_path_factory.mktemp("dist")
     # Spawned children import this module by name: make sure its root is on the path they inherit,
     # whichever way pytest was started.
     root = str(Path(__file__).resolve().parents[len(__name__.split(".")) - 1])
@@ -80,7 +80,7 @@ def ranks(tmp_path_factory):
     if added:
         sys.path.insert(0, root)
     try:
-        context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False)
+        context = mp.spawn(worker, args=args, nprocs=WORLD_SIZE, join=False)
     finally:
         if added:
             sys.path.remove(root)
@@ -91,6 +91,13 @@ def ranks(tmp_path_factory):
             for process in context.processes:
                 process.kill()
             pytest.fail("distributed workers did not finish within 180 s")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run the 2 ranks once and load their outputs."""
+    out_dir = tmp_path_factory.mktemp("dist")
+    _spawn(_worker, (_free_port(), str(out_dir)))
     return [dict(np.load(out_dir / f"rank{r}.npz")) for r in range(WORLD_SIZE)]
 
 
@@ -127,3 +134,124 @@ def test_kth_smallest_bisection_matches_sort(ranks):
         assert int(r["kth"][0]) == int(both[36])
     local = kth_smallest([both], np.array([37]), LocalReducer())
     assert int(local[0]) == int(both[36])
+
+
+# ------------------------------------------------------------------------------------------ process group
+
+
+def _group_worker(rank: int, port: int, out_dir: str) -> None:
+    """One rank launched as torchrun would (environment only): join, use every collective, leave."""
+    import json
+
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD_SIZE))
+    torch.set_num_threads(1)
+    with distributed.process_group("auto") as placement:  # no CUDA here: auto means the CPU, so gloo
+        grads = [torch.full((3,), float(rank + 1)), torch.tensor([10.0 * rank])]
+        distributed.average_over_ranks_(grads)
+        before_barrier = time.monotonic()
+        if rank == 1:
+            time.sleep(1.0)
+        distributed.barrier()
+        seen = {
+            "placement": [placement.rank, placement.world_size, placement.local_rank, placement.device,
+                          placement.backend],
+            "rank": distributed.rank(), "world_size": distributed.world_size(),
+            "waited": time.monotonic() - before_barrier,
+            "all_true_everywhere": distributed.all_true(True),
+            "all_true_one_false": distributed.all_true(rank == 0),
+            "min": distributed.min_over_ranks(2.5 + rank), "max": distributed.max_over_ranks(-1.0 - rank),
+            "sum": distributed.reducer().all_reduce_sum(np.array([rank + 1, 7], dtype=np.int64)).tolist(),
+            "grads": [g.tolist() for g in grads],
+        }
+        distributed.reducer().barrier()
+    seen["left"] = not torch.distributed.is_initialized() and distributed.world_size() == 1
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump(seen, handle)
+
+
+def test_the_process_group_and_its_collectives_over_two_gloo_ranks(tmp_path):
+    import json
+
+    _spawn(_group_worker, (_free_port(), str(tmp_path)))
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    for rank, got in enumerate(seen):
+        assert got["placement"] == [rank, 2, rank, "cpu", "gloo"]
+        assert (got["rank"], got["world_size"]) == (rank, 2)
+        assert got["waited"] >= 0.9  # rank 0 waited at the barrier for rank 1's second of sleep
+        assert got["all_true_everywhere"] is True and got["all_true_one_false"] is False
+        assert (got["min"], got["max"]) == (2.5, -1.0)
+        assert got["sum"] == [3, 14]
+        assert got["grads"] == [[1.5, 1.5, 1.5], [5.0]]
+        assert got["left"]
+
+
+def test_one_process_without_torchrun_is_a_group_of_one(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with distributed.process_group("cpu") as placement:
+        assert placement == distributed.Placement()
+        assert (distributed.rank(), distributed.world_size()) == (0, 1)
+        distributed.barrier()
+        assert distributed.all_true(True) and not distributed.all_true(False)
+        assert distributed.min_over_ranks(3) == 3.0 and distributed.max_over_ranks(-2) == -2.0
+        assert isinstance(distributed.reducer(), LocalReducer)
+
+
+def test_the_backend_follows_the_device():
+    assert distributed.backend_for("cpu") == "gloo"
+    assert distributed.backend_for("cuda:1") == "nccl"
+    with pytest.raises(ValueError, match="device must be"):
+        distributed.init("tpu")
+
+
+def _callers_group_worker(rank: int, port: int, out_dir: str) -> None:
+    """A group set up by the caller is used by init() and survives teardown()."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    with distributed.process_group("cpu") as placement:
+        assert (placement.rank, placement.world_size, placement.backend) == (rank, 2, "gloo")
+    assert dist.is_initialized()
+    assert distributed.max_over_ranks(rank) == 1.0
+    dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.ok").touch()
+
+
+def test_a_callers_own_group_is_used_and_left_alone(tmp_path):
+    _spawn(_callers_group_worker, (_free_port(), str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]
+
+
+def _uses_torch_distributed(source: str) -> bool:
+    """Whether ``source`` imports ``torch.distributed`` or reaches it as ``torch.distributed.X``."""
+    import ast
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import) and any(a.name.startswith("torch.distributed") for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (
+                (node.module or "").startswith("torch.distributed")
+                or (node.module == "torch" and any(a.name == "distributed" for a in node.names))):
+            return True
+        if (isinstance(node, ast.Attribute) and node.attr == "distributed" and isinstance(node.value, ast.Name)
+                and node.value.id == "torch"):
+            return True
+    return False
+
+
+def test_the_checker_sees_every_way_to_reach_torch_distributed():
+    for source in ("import torch.distributed as dist", "from torch.distributed import barrier",
+                   "from torch import distributed", "import torch\ntorch.distributed.barrier()"):
+        assert _uses_torch_distributed(source), source
+    assert not _uses_torch_distributed('"""Under ``torch.distributed``."""\nimport torch\nfrom torch import nn')
+
+
+def test_exactly_one_place_sets_up_a_process_group():
+    """Only this module talks to torch.distributed; every stage goes through it."""
+    root = Path(__file__).resolve().parents[2]
+    users = sorted(str(path.relative_to(root)) for package in ("dataengine", "indexes", "trainer")
+                   for path in (root / package).rglob("*.py")
+                   if _uses_torch_distributed(path.read_text(encoding="utf-8")))
+    assert users == ["indexes/distributed.py"]
