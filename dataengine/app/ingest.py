@@ -34,7 +34,7 @@ def ingest(
     node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This node's rank (default: RANK or 0)."),
     merge_only: bool = typer.Option(False, "--merge", help="Only merge finished node parts into the manifest."),
     download_threads: int = typer.Option(16, "--download-threads", help="Concurrent HTTP requests per worker."),
-    download_timeout: float = typer.Option(10.0, "--download-timeout", help="HTTP timeout in seconds."),
+    download_timeout: float = typer.Option(10.0, "--download-timeout", help="Seconds an HTTP attempt may take in all."),
     download_retries: int = typer.Option(2, "--download-retries", help="Retries of transient HTTP failures."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an ingest made with another configuration."),

@@ -50,7 +50,7 @@ class IngestConfig:
     download_threads: int = 16
     """Concurrent HTTP requests per worker in download mode."""
     download_timeout: float = 10.0
-    """Seconds before an HTTP request times out."""
+    """Seconds an HTTP attempt may take in all (connection, redirects, headers, body) before it is cut off."""
     download_retries: int = 2
     """Retries of a transient HTTP failure (timeouts, 5xx)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +70,10 @@ class IngestConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {self.quality}")
+        if not self.download_timeout > 0:
+            raise ValueError(f"download_timeout must be > 0 seconds, got {self.download_timeout}")
+        if self.download_retries < 0:
+            raise ValueError(f"download_retries must be >= 0, got {self.download_retries}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not 0 <= self.node_rank < self.num_nodes:

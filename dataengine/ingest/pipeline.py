@@ -21,7 +21,7 @@ from dataengine.download import Downloader
 from dataengine.images import ImageRejected, normalize_image, preload_plugins, reuse_image_buffers
 from dataengine.ingest.config import IngestConfig
 from dataengine.shards import sample_members
-from dataengine.sources import Fetcher, Row
+from dataengine.sources import MAX_FILE_BYTES, Fetcher, Row
 from dataengine.workers import OrderedWorkers
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ def _init_worker(config: IngestConfig, arena: Any = None, slot_size: int = 0) ->
     global _worker_fetcher, _worker_config, _worker_arena, _worker_slot_size
     downloader = None
     if config.download:
-        downloader = Downloader(config.download_threads, config.download_timeout, config.download_retries)
+        downloader = Downloader(config.download_threads, config.download_timeout, config.download_retries,
+                                max_bytes=MAX_FILE_BYTES)
     _worker_fetcher = Fetcher(config.images, config.download, config.storage_options, downloader)
     _worker_config = config
     _worker_arena, _worker_slot_size = arena, slot_size
