@@ -9,9 +9,12 @@ the backbone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+import uuid
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -26,11 +29,53 @@ def checkpoint_path(out: str) -> str:
     return os.path.join(out, "checkpoint.pt")
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary then rename: a kill never leaves a torn file under ``path``."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def replace_durably(path: str, write: Callable[[BinaryIO], None],
+                    before_rename: Callable[[], None] | None = None) -> None:
+    """Write a file through ``write(handle)`` so that, whenever the process or the machine stops, ``path`` holds
+    the old file or the whole new one, and once this returns the new one survives a power loss: a temporary
+    in the same folder, flushed to disk, renamed over ``path``, then the folder's entry flushed too.
+
+    ``before_rename`` is called once the temporary is on disk (tests stop the process there).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def save_atomic(obj: Any, path: str, before_rename: Callable[[], None] | None = None) -> None:
+    """``torch.save`` ``obj`` to ``path`` through :func:`replace_durably`."""
+    replace_durably(path, lambda handle: torch.save(obj, handle), before_rename)
+
+
+def remove_stale_temporaries(folder: str) -> int:
+    """Remove the temporaries :func:`replace_durably` leaves in ``folder`` when a process is killed before its
+    rename (call with no writer running there); returns how many."""
+    names = [n for n in os.listdir(folder) if n.startswith(".") and n.endswith(".tmp")] \
+        if os.path.isdir(folder) else []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+    return len(names)
 
 
 def config_json(config: TrainConfig) -> str:

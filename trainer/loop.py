@@ -38,17 +38,26 @@ from dataengine.shards import load_shard_set
 from indexes import distributed
 from trainer.augment import CropConfig
 from trainer.budget import Budget
-from trainer.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, checkpoint_path, config_json, \
-    read_checkpoint_state, save_atomic
+from trainer.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, checkpoint_path, config_json,
+                                read_checkpoint_state, remove_stale_temporaries, replace_durably, save_atomic)
 from trainer.config import TrainConfig
 from trainer.data import EpochPlan
 from trainer.labels import Labels
 from trainer.network import Network, new_head
 from trainer.parallel import all_reduce_grads
-from trainer.recluster import Reclusterer
+from trainer.recluster import Reclusterer, clustering_name
 from trainer.step import epoch_loader, step_loss
 
 logger = logging.getLogger(__name__)
+
+
+Milestone = Callable[[str], None]
+"""Called with the name of each step of a run whose completion is durable (tests stop the process there):
+``recluster.backbone_saved``, ``recluster.embed_block`` (each block of features written),
+``recluster.embedded``, ``recluster.clustered``, ``recluster.checkpointed``, ``recluster.dropping`` (an
+unused feature store removed, its backbone snapshot not yet), ``checkpoint.written`` (a checkpoint on disk, not
+yet renamed into place), ``epoch.ending`` (an epoch's record made, its checkpoint not yet written) and
+``epoch.saved``."""
 
 
 @dataclass
@@ -69,14 +78,39 @@ class TrainResult:
         return values
 
 
+@dataclass
+class EpochProgress:
+    """The epoch in progress, checkpointed with the run so that a resumed epoch logs what an uninterrupted one
+    would: its record so far (epoch number, the clustering made at its start) and the sums of its steps."""
+
+    record: dict[str, Any]
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    """Seconds spent in steps (over the sessions of the run), for the samples/s figure."""
+
+    def add(self, stats: dict[str, Any], images: int) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.steps, self.images = self.steps + 1, self.images + images
+
+    def finish(self, world_size: int) -> dict[str, Any]:
+        """The epoch's metrics record: the mean of every statistic over its steps, steps and samples/s."""
+        return self.record | {key: value / max(self.steps, 1) for key, value in self.sums.items()} | {
+            "steps": self.steps, "samples_per_second": self.images * world_size / max(self.seconds, 1e-9)}
+
+
 class Trainer:
     """One training run (all ranks of the process group construct one and call :meth:`run`)."""
 
-    def __init__(self, config: TrainConfig, progress: Callable[[int], None] | None = None) -> None:
+    def __init__(self, config: TrainConfig, progress: Callable[[int], None] | None = None,
+                 milestone: Milestone | None = None) -> None:
         from dataengine.shards import register_fsspec_opener
 
         self.config = config
         self.progress = progress
+        self.milestone: Milestone = milestone or (lambda _name: None)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         os.makedirs(config.out, exist_ok=True)
         register_fsspec_opener(config.data.storage_options)
@@ -84,11 +118,12 @@ class Trainer:
         self.network = Network(config)
         if config.model.init and config.mode != "clusterfit":
             self._load_backbone(config.model.init)
-        self.reclusterer = Reclusterer(config, self.rank)
+        self.reclusterer = Reclusterer(config, self.rank, self.milestone)
         self.labels: Labels | None = None
         self.previous: Labels | None = None
         self.optimizer = self._optimizer()
         self.epoch, self.step, self.total_steps = 0, 0, 0
+        self.current: EpochProgress | None = None
         self.metrics: list[dict[str, Any]] = []
         self.budget = Budget(config.schedule.time_budget, config.schedule.budget_clock)
         self.crop = CropConfig(size=config.data.image_size, scale=tuple(config.data.crop_scale))
@@ -115,7 +150,7 @@ class Trainer:
                                weight_decay=optim.weight_decay)
 
     def save(self) -> None:
-        """Write the full checkpoint atomically (rank 0)."""
+        """Write the full checkpoint durably (rank 0): once this returns it survives any kill."""
         if self.rank != 0:
             return
         state = {
@@ -128,8 +163,9 @@ class Trainer:
             "previous_clustering": self.previous.name if self.previous else "",
             "torch_rng": torch.get_rng_state(), "elapsed": self.budget.elapsed,
             "metrics": json.dumps(self.metrics), "config": config_json(self.config),
+            "epoch_progress": json.dumps(asdict(self.current)) if self.current else "",
         }
-        save_atomic(state, self.checkpoint_path)
+        save_atomic(state, self.checkpoint_path, before_rename=lambda: self.milestone("checkpoint.written"))
 
     def _resume(self) -> bool:
         state = read_checkpoint_state(self.checkpoint_path, self.config)
@@ -138,6 +174,7 @@ class Trainer:
         self.network.backbone.load_state_dict(state["backbone"])
         self.epoch, self.step, self.total_steps = state["epoch"], state["step"], state["total_steps"]
         self.metrics = json.loads(state["metrics"])
+        self.current = _epoch_progress(state)
         self.budget.elapsed_before = state["elapsed"]
         if state["previous_clustering"]:
             self.previous = self.reclusterer.labels_of(state["previous_clustering"])
@@ -154,15 +191,14 @@ class Trainer:
     # -------------------------------------------------------------------------------------- clustering
 
     def recluster(self, epoch: int) -> dict[str, Any]:
-        """Embed the training set with the current backbone and cluster it; rebuild the head."""
+        """Embed the training set with the current backbone and cluster it; rebuild the head and the optimizer.
+
+        The feature stores this makes unused are not removed here: see :meth:`_start_epoch`."""
         labels = self.reclusterer.run(epoch, self.network.backbone, self.network.feature_dim)
         self.previous, self.labels = self.labels, labels
         self.network.head = new_head(self.config, self.network.feature_dim, self.labels, epoch)
         self.optimizer = self._optimizer()
-        metrics = self.reclusterer.metrics(self.labels, self.previous)
-        self.reclusterer.drop_old_stores({labels.name for labels in (self.labels, self.previous)
-                                          if labels is not None})
-        return metrics
+        return self.reclusterer.metrics(self.labels, self.previous)
 
     def _needs_clustering(self, epoch: int) -> bool:
         mode = self.config.mode
@@ -174,12 +210,30 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- training
 
-    def train_epoch(self, epoch: int) -> dict[str, Any]:
+    def _start_epoch(self) -> None:
+        """Begin ``self.epoch``, re-clustering first when it is due.
+
+        After a re-clustering the checkpoint is written before anything is removed: until it is on disk the
+        last checkpoint names the previous clusterings, whose feature stores a resume reads."""
+        self.current = EpochProgress({"epoch": self.epoch})
+        budget = self.budget
+        if not (self._needs_clustering(self.epoch) and budget.time_to_recluster(self.labels is not None)):
+            return
+        started, started_clock = time.perf_counter(), budget.clock()
+        clustering = self.recluster(self.epoch)
+        clustering["seconds"] = time.perf_counter() - started
+        budget.recluster_seconds = budget.clock() - started_clock
+        self.current.record["clustering"] = clustering
+        self.save()
+        self.milestone("recluster.checkpointed")
+        self.reclusterer.drop_unused({labels.name for labels in (self.labels, self.previous) if labels is not None})
+
+    def train_epoch(self, epoch: int) -> None:
+        """Train on the rest of ``epoch`` (from ``self.step``), adding every step to ``self.current``."""
         plan = EpochPlan(epoch=epoch, rank=self.rank, world_size=self.world_size, skip_batches=self.step)
         loader, steps = epoch_loader(self.config, self.shard_set, self.labels, self.crop, plan)
         self.network.train()
-        sums: dict[str, float] = {}
-        count, start, images_seen = 0, time.perf_counter(), 0
+        current, start = self.current, time.perf_counter()
         for images, rows in loader:
             if self.step >= steps or not distributed.all_true(not self.budget.out_of_time()):
                 break
@@ -189,53 +243,70 @@ class Trainer:
             loss.backward()
             all_reduce_grads(self.network)
             self.optimizer.step()
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            count, images_seen = count + 1, images_seen + len(images)
+            current.add(stats, len(images))
             self.step, self.total_steps = self.step + 1, self.total_steps + 1
             if self.progress:
                 self.progress(1)
             if self.step % self.config.schedule.checkpoint_every == 0:
+                current.seconds += time.perf_counter() - start
+                start = time.perf_counter()
                 self.save()
         else:
             distributed.all_true(False)
-        seconds = time.perf_counter() - start
-        return {key: value / max(count, 1) for key, value in sums.items()} | {
-            "steps": count, "samples_per_second": images_seen * self.world_size / max(seconds, 1e-9)}
+        current.seconds += time.perf_counter() - start
+
+    def _end_epoch(self) -> None:
+        """Log the epoch's record, then checkpoint, then rewrite ``metrics.jsonl`` from the checkpoint's records
+        (so a kill in between never leaves a line the resumed run would write twice)."""
+        record = self.current.finish(self.world_size)
+        if self.labels is not None:
+            record["clustering_name"] = self.labels.name
+        self.metrics.append(record)
+        logger.info("epoch %d: %s", record["epoch"], {k: v for k, v in record.items() if k != "clustering"})
+        self.epoch, self.step, self.current = self.epoch + 1, 0, None
+        self.milestone("epoch.ending")
+        self.save()
+        self.milestone("epoch.saved")
+        self._write_metrics()
 
     def run(self) -> TrainResult:
         """Train until ``epochs`` (or the time budget), resuming from ``RUN/checkpoint.pt`` if present."""
         start = time.perf_counter()
-        self._resume()
-        budget = self.budget
-        while self.epoch < self.config.schedule.epochs and not budget.out_of_time():
-            record: dict[str, Any] = {"epoch": self.epoch}
-            if (self.step == 0 and self._needs_clustering(self.epoch)
-                    and budget.time_to_recluster(self.labels is not None)):
-                started, started_clock = time.perf_counter(), budget.clock()
-                record["clustering"] = self.recluster(self.epoch)
-                record["clustering"]["seconds"] = time.perf_counter() - started
-                budget.recluster_seconds = budget.clock() - started_clock
-            record.update(self.train_epoch(self.epoch))
-            if self.labels is not None:
-                record["clustering_name"] = self.labels.name
-            self.metrics.append(record)
-            self._write_metrics(record)
-            self.epoch, self.step = self.epoch + 1, 0
-            self.save()
+        if self.rank == 0:
+            remove_stale_temporaries(self.config.out)
+        if self._resume():
+            # Leftovers of a run killed between a checkpoint and the removals it allowed; the clustering of the
+            # epoch to start (if any) may be half made: its stores are kept for the resume to finish.
+            self.reclusterer.drop_unused({labels.name for labels in (self.labels, self.previous) if labels}
+                                         | {clustering_name(self.epoch)})
+        self._write_metrics()  # a line written after the last checkpoint belongs to work that is redone
+        while self.epoch < self.config.schedule.epochs and not self.budget.out_of_time():
+            if self.current is None:
+                self._start_epoch()
+            self.train_epoch(self.epoch)
+            self._end_epoch()
         return TrainResult(self.config.out, self.checkpoint_path, self.epoch, self.total_steps,
                            time.perf_counter() - start, self.metrics)
 
-    def _write_metrics(self, record: dict[str, Any]) -> None:
+    def _write_metrics(self) -> None:
+        """``RUN/metrics.jsonl``: one JSON line per finished epoch, as the checkpoint records them (rank 0)."""
         if self.rank == 0:
-            with open(os.path.join(self.config.out, "metrics.jsonl"), "a") as handle:
-                handle.write(json.dumps(record, sort_keys=True, default=float) + "\n")
-            logger.info("epoch %d: %s", record["epoch"], {k: v for k, v in record.items() if k != "clustering"})
+            text = "".join(json.dumps(record, sort_keys=True, default=float) + "\n" for record in self.metrics)
+            replace_durably(os.path.join(self.config.out, "metrics.jsonl"), lambda h: h.write(text.encode()))
 
 
-def run_train(config: TrainConfig, progress: Callable[[int], None] | None = None) -> TrainResult:
-    """Train a network as ``config`` says (see the module docstring)."""
+def _epoch_progress(state: dict[str, Any]) -> EpochProgress | None:
+    """The epoch in progress at a checkpoint; checkpoints written before it was recorded only say whether one
+    was (``step > 0``)."""
+    if state.get("epoch_progress"):
+        return EpochProgress(**json.loads(state["epoch_progress"]))
+    return EpochProgress({"epoch": state["epoch"]}) if state["step"] > 0 else None
+
+
+def run_train(config: TrainConfig, progress: Callable[[int], None] | None = None,
+              milestone: Milestone | None = None) -> TrainResult:
+    """Train a network as ``config`` says (see the module docstring); ``milestone`` as in :data:`Milestone`."""
     from indexes.threads import set_num_threads
 
     set_num_threads(config.distributed.num_threads)
-    return Trainer(config, progress).run()
+    return Trainer(config, progress, milestone).run()

@@ -4,8 +4,10 @@ and read back the targets; only the stores of the current and the previous clust
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -23,9 +25,10 @@ def clustering_name(epoch: int) -> str:
 class Reclusterer:
     """The re-clusterings of one run (every rank holds one; rank 0 writes the shared files)."""
 
-    def __init__(self, config: TrainConfig, rank: int) -> None:
+    def __init__(self, config: TrainConfig, rank: int, milestone: Callable[[str], None]) -> None:
         self.config = config
         self.rank = rank
+        self.milestone = milestone
 
     def store_url(self, name: str) -> str:
         return os.path.join(self.config.out, "features", name)
@@ -56,16 +59,20 @@ class Reclusterer:
                 save_atomic({"arch": config.model.arch, "sobel": config.model.sobel,
                              "backbone": backbone.state_dict()}, checkpoint)
             barrier()
+            self.milestone("recluster.backbone_saved")
         store = self.store_url(name)
         data, clustering, threads = config.data, config.clustering, config.distributed.num_threads
         run_embed(EmbedConfig(shards=data.shards, out=store, model=model, checkpoint=checkpoint, image_size=data.image_size,
                               resize_size=data.resolved_resize, workers=data.workers, dtype="float32",
-                              seed=config.seed, storage_options=data.storage_options, num_threads=threads))
+                              seed=config.seed, storage_options=data.storage_options, num_threads=threads),
+                  progress=lambda _rows: self.milestone("recluster.embed_block"))
+        self.milestone("recluster.embedded")
         pca_dim = min(clustering.pca_dim or feature_dim, feature_dim)
         run_cluster(ClusterConfig(store=store, name=name, levels=tuple(clustering.levels), pca_dim=pca_dim,
                                   num_iterations=clustering.kmeans_iterations, seed=config.seed + epoch,
                                   neighbor_index=False, overwrite=True, num_threads=threads),
                     reducer=reducer())
+        self.milestone("recluster.clustered")
         return self.labels_of(name)
 
     def metrics(self, labels: Labels, previous: Labels | None) -> dict[str, Any]:
@@ -76,13 +83,18 @@ class Reclusterer:
         return clustering_nmi(self.store_url(labels.name), labels.name, previous_url,
                               previous.name if previous else None)
 
-    def drop_old_stores(self, keep: set[str]) -> None:
-        """Keep the feature stores of the clusterings named in ``keep`` only (N x d floats each)."""
+    def drop_unused(self, keep: set[str]) -> None:
+        """Remove the feature stores (N x d floats each) and backbone snapshots of every clustering not named in
+        ``keep`` (rank 0), leftovers of an interrupted removal included. Call only once a checkpoint that names
+        no other clustering is on disk."""
+        if self.rank != 0:
+            return
         folder = os.path.join(self.config.out, "features")
-        if self.rank == 0:
-            for name in sorted(os.listdir(folder)):
-                if name not in keep:
-                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-                    backbone = self.backbone_path(name)
-                    if os.path.exists(backbone):
-                        os.remove(backbone)
+        stores = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        snapshots = {name[len("backbone-"):-len(".pt")] for name in os.listdir(self.config.out)
+                     if name.startswith("backbone-") and name.endswith(".pt")}
+        for name in sorted((stores | snapshots) - keep):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            self.milestone("recluster.dropping")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.backbone_path(name))

@@ -12,20 +12,13 @@ import time
 import pytest
 import torch
 
-from dataengine.ingest import IngestConfig, run_ingest
-from dataengine.synth import SynthConfig, generate_corpus
 from trainer.config import TrainConfig
 from trainer.loop import run_train
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("train")
-    generate_corpus(str(root / "corpus"), SynthConfig(num_images=160, seed=2, anomalies=False,
-                                                      min_image_size=40, max_image_size=48))
-    run_ingest(IngestConfig(yfcc=str(root / "corpus" / "metadata.tsv"), images=str(root / "corpus" / "images"),
-                            out=str(root / "ingest"), shard_size=40, workers=0))
-    return str(root / "ingest")
+@pytest.fixture()
+def shards(train_shards) -> str:
+    return train_shards
 
 
 def _config(shards: str, out, **kwargs) -> TrainConfig:
@@ -142,33 +135,6 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(shards, tmp_path)
     assert reference.keys() == resumed.keys()
     for name in reference:
         assert torch.equal(reference[name], resumed[name]), name
-
-
-
-def test_a_crash_inside_a_reclustering_resumes_to_the_uninterrupted_run(shards, tmp_path, monkeypatch):
-    """Killed after the epoch-1 embedding finished, before its clustering: the resume re-saves the same backbone
-    (other file bytes: torch.save writes a fresh serialization id) and must reuse that feature store."""
-    import dataengine.cluster
-
-    reference = run_train(_config(shards, tmp_path / "ref"))
-    run_cluster = dataengine.cluster.run_cluster
-
-    def crash_at_epoch1(config, **kwargs):
-        if config.name == "epoch001":
-            raise RuntimeError("simulated kill")
-        return run_cluster(config, **kwargs)
-
-    monkeypatch.setattr(dataengine.cluster, "run_cluster", crash_at_epoch1)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run_train(_config(shards, tmp_path / "cut"))
-    assert json.loads((tmp_path / "cut" / "features" / "epoch001" / "zarr.json").read_text())[
-        "attributes"]["state"] == "complete"
-    monkeypatch.setattr(dataengine.cluster, "run_cluster", run_cluster)
-    resumed = run_train(_config(shards, tmp_path / "cut"))
-    expected, got = _weights(reference.checkpoint), _weights(resumed.checkpoint)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
 
 
 def _rank_main(rank: int, world_size: int, port: int, config: TrainConfig) -> None:
