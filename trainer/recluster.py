@@ -62,9 +62,10 @@ class Reclusterer:
             self.milestone("recluster.backbone_saved")
         store = self.store_url(name)
         data, clustering, threads = config.data, config.clustering, config.distributed.num_threads
-        run_embed(EmbedConfig(shards=data.shards, out=store, model=model, checkpoint=checkpoint, image_size=data.image_size,
-                              resize_size=data.resolved_resize, workers=data.workers, dtype="float32",
-                              seed=config.seed, storage_options=data.storage_options, num_threads=threads),
+        run_embed(EmbedConfig(shards=data.shards, out=store, model=model, checkpoint=checkpoint,
+                              image_size=data.image_size, resize_size=data.resolved_resize, workers=data.workers,
+                              dtype="float32", seed=config.seed, storage_options=data.storage_options,
+                              num_threads=threads),
                   progress=lambda _rows: self.milestone("recluster.embed_block"))
         self.milestone("recluster.embedded")
         pca_dim = min(clustering.pca_dim or feature_dim, feature_dim)
