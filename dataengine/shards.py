@@ -7,8 +7,13 @@ manifest order, each tar in order. :class:`ShardSet` gives every shard its first
 rows maps to the shards overlapping it (:meth:`ShardSet.overlapping`).
 
 A sample is two consecutive tar members, ``<key>.jpg`` (the re-encoded image) then ``<key>.json`` (its
-metadata): :func:`sample_members` packs them, :func:`build_manifest` writes the manifest that
-:func:`load_shard_set` checks. Tar bytes themselves are read and packed by :mod:`dataengine.tario`.
+metadata), followed by the other sidecars of a webdataset sample that was ingested (``<key>.txt``...):
+:func:`sample_members` packs them, :func:`build_manifest` writes the manifest that :func:`load_shard_set`
+checks. Tar bytes themselves are read and packed by :mod:`dataengine.tario`.
+
+Shards written by another tool (a brace pattern, a ``::`` list, a folder of tars without a manifest) are
+indexed by :mod:`dataengine.foreign_shards` into an equivalent manifest and ``metadata.parquet``;
+:func:`load_shard_set` returns the same :class:`ShardSet` for both, with the same row alignment.
 
 Streams follow webdataset's sample conventions; shards are opened with webdataset's ``gopen``, remote ones
 through fsspec by an opener registered in ``webdataset.gopen_schemes`` (:func:`register_fsspec_opener`): never through ``pipe:`` subprocesses.
@@ -86,6 +91,8 @@ class ShardSet:
     digest: str
     shards: tuple[ShardInfo, ...]
     _starts: tuple[int, ...] = field(repr=False, default=())
+    metadata_file: str | None = None
+    """Where ``metadata.parquet`` is when it is not in ``url``: the shard index of foreign shards."""
 
     @property
     def num_samples(self) -> int:
@@ -95,6 +102,8 @@ class ShardSet:
     @property
     def metadata_url(self) -> str:
         """URL of ``metadata.parquet``."""
+        if self.metadata_file is not None:
+            return self.metadata_file
         return Location(self.url, self.storage_options).child_url("metadata.parquet")
 
     def urls(self) -> list[str]:
@@ -118,21 +127,34 @@ class ShardSet:
         return found
 
 
-def load_shard_set(url: str, storage_options: dict[str, Any] | None = None) -> ShardSet:
-    """Load and validate the manifest of an ingest output.
+def load_shard_set(url: str, storage_options: dict[str, Any] | None = None,
+                   index_root: str | None = None) -> ShardSet:
+    """Load and validate the manifest of an ingest output, or index webdataset shards written by another tool.
 
     Args:
-        url: the folder given to ``dataengine ingest --out`` (local path or fsspec URL).
+        url: the folder given to ``dataengine ingest --out`` (local path or fsspec URL); or shards that ingest
+            did not write: a ``.tar`` URL, a brace pattern (``shards/{00000..00099}.tar``), a ``::`` list of
+            them, or a folder of tars without ``manifest.json`` (see :mod:`dataengine.foreign_shards`).
         storage_options: fsspec options (``endpoint_url``, ``key``, ``secret``...).
+        index_root: where the index of foreign shards is cached (default: the user's cache folder).
 
     Raises:
-        IncompleteOutputError: ``manifest.json`` is missing (the ingest did not finish).
+        IncompleteOutputError: a folder without ``manifest.json`` nor tars (the ingest did not finish).
         InputUnusableError: the manifest is not a supported ``dataengine.shards`` manifest, or lists no sample.
+        FileNotFoundError: a named shard does not exist.
     """
+    from dataengine import foreign_shards
+
+    if foreign_shards.is_shard_spec(url):
+        return foreign_shards.load_foreign_shard_set(url, storage_options, index_root=index_root)
     location = Location(url, storage_options)
     if not location.exists("manifest.json"):
+        tars = foreign_shards.tars_in_folder(url, storage_options)
+        if tars:
+            return foreign_shards.load_foreign_shard_set(url, storage_options, urls=tars, index_root=index_root)
         raise IncompleteOutputError(f"{location.url} has no manifest.json: not an ingest output, or the ingest "
-                                    "has not finished (re-run `dataengine ingest` to complete it)")
+                                    "has not finished (re-run `dataengine ingest` to complete it); shards written "
+                                    "by another tool are named by a pattern such as shards/{00000..00099}.tar")
     data = location.read_bytes("manifest.json")
     manifest = _parse_manifest(data, location.url)
     shards, row = [], 0
@@ -176,13 +198,17 @@ IMAGE_DATA_OFFSET = BLOCK
 """Where the JPEG's bytes start inside :func:`sample_members`'s output (after its header)."""
 
 
-def sample_members(key: str, jpeg: bytes, document: bytes) -> bytes:
-    """The tar bytes of one sample: ``<key>.jpg`` then ``<key>.json`` (headers, data, padding).
+def sample_members(key: str, jpeg: bytes, document: bytes, extras: tuple[tuple[str, bytes], ...] = ()) -> bytes:
+    """The tar bytes of one sample: ``<key>.jpg`` then ``<key>.json`` (headers, data, padding), then the
+    ``extras`` ``(extension, bytes)`` as ``<key>.<extension>`` (the sidecars of a webdataset sample ingested).
 
     Built by ingest's workers, so that the single shard writer only concatenates them.
     """
-    return b"".join((ustar_header(f"{key}.jpg", len(jpeg)), jpeg, _ZEROS[: -len(jpeg) % BLOCK],
-                     ustar_header(f"{key}.json", len(document)), document, _ZEROS[: -len(document) % BLOCK]))
+    parts = [ustar_header(f"{key}.jpg", len(jpeg)), jpeg, _ZEROS[: -len(jpeg) % BLOCK],
+             ustar_header(f"{key}.json", len(document)), document, _ZEROS[: -len(document) % BLOCK]]
+    for extension, data in extras:
+        parts += [ustar_header(f"{key}.{extension}", len(data)), data, _ZEROS[: -len(data) % BLOCK]]
+    return b"".join(parts)
 
 
 def build_manifest(config: dict[str, Any], shards: list[dict[str, Any]], counts: dict[str, int],
@@ -232,6 +258,18 @@ def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) ->
     fs, path = url_to_fs(url, **_STORAGE_OPTIONS.get(protocol, {}))
     # Read-ahead suits tarfile's sequential stream reads; large blocks keep the request count low.
     return fs.open(path, mode, block_size=8 << 20, cache_type="readahead")
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+"""Member extensions read as a sample's image, in this order of preference (ingest writes ``jpg``)."""
+
+
+def image_member(sample: dict[str, Any]) -> bytes | None:
+    """The image bytes of a streamed sample (its first member among :data:`IMAGE_EXTENSIONS`), or ``None``."""
+    for extension in IMAGE_EXTENSIONS:
+        if extension in sample:
+            return sample[extension]
+    return None
 
 
 # Errors that mean "the shard's bytes are bad": a truncated or corrupt tar, a duplicate member name.

@@ -4,7 +4,10 @@ Three kinds of source exist:
 
 * a YFCC metadata file plus an images root (``<root>/<photo_id>.<ext>`` or the download URL's basename);
 * a YFCC metadata file in download mode (each photo fetched from its download URL over HTTP);
-* an image folder or a tar of images, where a class sub-folder becomes the ``label``.
+* an image folder or a tar of images, where a class sub-folder becomes the ``label``;
+* a webdataset tar (samples ``<key>.jpg`` with sidecars ``<key>.json``/``.txt``/``.cls``..., e.g. a shard
+  of img2dataset): each sample is a row that keeps its key, its ``.json`` fields in its metadata and its
+  other sidecars as members of the output sample (see :func:`dataengine.foreign_shards.webdataset_tar_samples`).
 
 The main process enumerates rows in input order (cheap: lines, file names, or tar members); workers do the
 expensive part (reading or downloading bytes, decoding). Row order alone decides the output.
@@ -61,6 +64,8 @@ class Row:
     offset: int = -1  # byte range of a member inside a local tar, read by the worker
     size: int = 0
     error: str | None = None  # why the row is unusable before any fetching (too long a line, too big a member)
+    key: str | None = None  # a webdataset sample's key (kept as the ingest key)
+    sidecars: tuple[tuple[str, bytes], ...] = ()  # a webdataset sample's other members: (extension, bytes)
 
 
 @dataclass
@@ -72,6 +77,8 @@ class Fetched:
     data: bytes | None = None
     status: str = "ok"
     error: str | None = None
+    extras: tuple[tuple[str, bytes], ...] = ()
+    """Members written after ``<key>.json`` in the output sample: a webdataset sample's sidecars."""
 
 
 def folder_key(relative_path: str) -> str:
@@ -172,6 +179,15 @@ def _iter_folder_rows(root_url: str, storage_options: dict[str, Any]) -> Iterato
 
 
 def _iter_tar_rows(tar_url: str, storage_options: dict[str, Any]) -> Iterator[Row]:
+    from dataengine.foreign_shards import webdataset_tar_samples
+
+    samples = webdataset_tar_samples(tar_url, storage_options, MAX_FILE_BYTES)
+    if samples is not None:
+        for index, sample in enumerate(samples):
+            error = sample.error or (_too_large(sample.size) if sample.image else None)
+            yield Row(index, path=sample.image, data=sample.data, offset=sample.offset, size=sample.size,
+                      error=error, key=sample.key, sidecars=sample.sidecars)
+        return
     if not is_remote(tar_url) and tar_url.lower().endswith(".tar"):
         # A local uncompressed tar: only headers are read here; workers read member bytes by offset.
         members = ((n, o, s) for n, o, s in scan_tar(_local_path(tar_url)) if is_image_name(n))
@@ -252,6 +268,8 @@ class Fetcher:
         return parsed
 
     def _parse(self, row: Row) -> Fetched:
+        if row.key is not None:
+            return _webdataset_sample(row)
         if row.line is None:
             relative = row.path.replace(os.sep, "/")
             metadata = {"label": label_of(relative), "source": relative}
@@ -356,6 +374,29 @@ class Fetcher:
         if len(data) > MAX_FILE_BYTES:
             raise _Unusable("corrupt", _too_large())
         return data
+
+
+def _webdataset_sample(row: Row) -> Fetched:
+    """A webdataset sample: its key, its sidecar metadata, its other members carried to the output."""
+    from dataengine.foreign_shards import sidecar_metadata
+
+    sidecars = dict(row.sidecars)
+    metadata = sidecar_metadata(row.key, sidecars)
+    source = metadata.pop("source", None)
+    if source is not None and source != row.path:
+        metadata["sidecar_source"] = source
+    metadata["source"] = row.path
+    extras = tuple((extension, data) for extension, data in row.sidecars if extension != "json")
+    longest = max([f"{row.key}.{extension}" for extension, _ in extras] + [f"{row.key}.json"], key=len)
+    if len(longest.encode("utf-8")) > 100:
+        return Fetched(row.key, metadata, status="bad_metadata", error=f"member name {longest[:60]!r}... is longer "
+                       "than the 100 bytes of a tar header")
+    if row.error:
+        return Fetched(row.key, metadata, status="corrupt", error=row.error)
+    if row.path is None:
+        return Fetched(row.key, metadata, status="missing", error=f"sample {row.key} has no image member "
+                       f"(members: {', '.join(sorted(sidecars))})")
+    return Fetched(row.key, metadata, data=row.data, extras=extras)
 
 
 def _file_error(exc: OSError) -> Exception:

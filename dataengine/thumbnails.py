@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dataengine.fs import url_to_fs
+from dataengine.fs import open_input, url_to_fs
 from dataengine.shards import ShardSet, load_shard_set
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ class ShardImageReader:
         import pyarrow.parquet as pq
 
         self.shard_set: ShardSet = load_shard_set(shards_url, storage_options)
-        self.fs, _ = url_to_fs(self.shard_set.url, storage_options)
+        self.fs, _ = url_to_fs(self.shard_set.shards[0].url, storage_options)
         self._shard_paths = [url_to_fs(shard.url, storage_options)[1] for shard in self.shard_set.shards]
-        self._handle = self.fs.open(url_to_fs(self.shard_set.metadata_url, storage_options)[1], "rb")
+        # metadata.parquet may lie elsewhere than the shards (the local index of shards another tool wrote).
+        self._handle = open_input(self.shard_set.metadata_url, storage_options)
         self._parquet = pq.ParquetFile(self._handle)
         sizes = [self._parquet.metadata.row_group(i).num_rows for i in range(self._parquet.num_row_groups)]
         self._group_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataengine.shards import ShardInfo, StreamErrors, register_fsspec_opener, sample_stream
+from dataengine.shards import ShardInfo, StreamErrors, image_member, register_fsspec_opener, sample_stream
 from trainer.augment import CROP_DRAWS, CropConfig, resized_crop_flip
 from trainer.sampler import BalancedStream, ClusterBalance, StreamConfig, stream_rng
 
@@ -133,7 +133,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             if offset == 0 or len(draws) == 0:
                 rng = stream_rng(self.stream.seed, _TAG_AUGMENT, self.plan.epoch, self.plan.rank, worker, block)
                 draws = rng.random((_AUGMENT_BLOCK, CROP_DRAWS))
-            yield resized_crop_flip(decode_rgb(sample["jpg"]), self.crop, draws[offset]), row
+            yield resized_crop_flip(self._image(sample, row), self.crop, draws[offset]), row
+
+    def _image(self, sample: dict[str, Any], row: int) -> torch.Tensor:
+        """The sample's decoded image; a black one for a sample without a decodable image (possible in shards
+        another tool wrote), so that every stream position still yields one item (resume counts items)."""
+        data = image_member(sample)
+        try:
+            if data is None:
+                raise ValueError(f"no image member among {sorted(sample)}")
+            return decode_rgb(data)
+        except Exception as exc:  # any decode failure of one sample: logged, the run goes on
+            logger.warning("row %d (%s): no decodable image (%s); a black image stands in", row,
+                           sample.get("__key__"), f"{type(exc).__name__}: {exc}")
+            return torch.zeros((3, self.crop.size, self.crop.size), dtype=torch.uint8)
 
 
 def make_loader(dataset: ShardStream, batch_size: int, workers: int) -> torch.utils.data.DataLoader:

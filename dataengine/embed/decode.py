@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from dataengine.shards import ShardSet, StreamErrors, register_fsspec_opener, sample_stream
+from dataengine.shards import ShardSet, StreamErrors, image_member, register_fsspec_opener, sample_stream
 from dataengine.store import StoreLayout
 
 def describe_error(exc: BaseException) -> str:
@@ -84,12 +84,14 @@ class Piece:
         shard_name: its name relative to the ingest root (for records).
         first_row: global row of ``keys[0]``.
         keys: expected keys of rows ``first_row ...``, in order.
+        first_position: position in the shard (its sample number) of ``first_row``.
     """
 
     shard_url: str
     shard_name: str
     first_row: int
     keys: tuple[str, ...]
+    first_position: int = 0
 
 
 def plan_pieces(shard_set: ShardSet, keys: Callable[[int, int], list[str]], ranges: list[tuple[int, int]],
@@ -107,7 +109,8 @@ def plan_pieces(shard_set: ShardSet, keys: Callable[[int, int], list[str]], rang
         for shard, low, high in shard_set.overlapping(start, end):
             for piece_start in range(shard.first_row + low, shard.first_row + high, piece_rows):
                 piece_end = min(piece_start + piece_rows, shard.first_row + high)
-                pieces.append(Piece(shard.url, shard.name, piece_start, tuple(keys(piece_start, piece_end))))
+                pieces.append(Piece(shard.url, shard.name, piece_start, tuple(keys(piece_start, piece_end)),
+                                    piece_start - shard.first_row))
     return pieces
 
 
@@ -156,37 +159,47 @@ class DecodeDataset(torch.utils.data.IterableDataset):
             yield from self._decode_piece(self.pieces[index])
 
     def _decode_piece(self, piece: Piece) -> Iterator[dict[str, Any]]:
-        expected = {key: piece.first_row + i for i, key in enumerate(piece.keys)}
+        """Rows are samples by position (row = shard's first row + sample number), as ingest and the trainer
+        count them; the key at that position must be the expected one (a shard that changed since its
+        manifest or index was written gives failures, never features under another row)."""
         errors = StreamErrors()
         pending: list[tuple[int, np.ndarray | None, str | None]] = []
-        for sample in sample_stream([piece.shard_url], handler=errors):
-            row = expected.pop(sample["__key__"], None)
-            if row is None:
-                continue  # a sample of the shard outside this piece
+        end = piece.first_position + len(piece.keys)
+        position = -1
+        for position, sample in enumerate(sample_stream([piece.shard_url], handler=errors)):
+            if position < piece.first_position:
+                continue  # a sample of the shard before this piece
+            if position >= end:
+                break  # every row of the piece is in: skip the rest of the shard
+            row = piece.first_row + position - piece.first_position
             if pending and self.grid.batch_of(row) != self.grid.batch_of(pending[0][0]):
                 yield self._item(pending, piece)
                 pending = []
-            pending.append((row, *self._decode(sample)))
-            if not expected:
-                break  # every row of the piece is in: skip the rest of the shard
+            expected = piece.keys[row - piece.first_row]
+            if sample["__key__"] != expected:
+                pending.append((row, None, f"key mismatch at position {position} of {piece.shard_name}: "
+                                           f"{sample['__key__']!r} instead of {expected!r}"))
+            else:
+                pending.append((row, *self._decode(sample)))
         if pending:
             yield self._item(pending, piece)
-        yield from self._missing(expected, piece, errors)
+        seen = max(0, min(end, position + 1) - piece.first_position)
+        yield from self._missing([piece.first_row + i for i in range(seen, len(piece.keys))], piece, errors)
 
     def _decode(self, sample: dict[str, Any]) -> tuple[np.ndarray | None, str | None]:
-        data = sample.get("jpg")
+        data = image_member(sample)
         if data is None:
-            return None, f"no .jpg member for key {sample['__key__']} (members: {sorted(sample)})"
+            return None, f"no image member for key {sample['__key__']} (members: {sorted(sample)})"
         try:
             return load_image(data, self.resize_size, self.image_size), None
         except Exception as exc:  # any decode failure is a per-sample failure: recorded by _item
             return None, describe_error(exc)
 
-    def _missing(self, expected: dict[str, int], piece: Piece, errors: StreamErrors) -> Iterator[dict[str, Any]]:
-        """Rows never met in the stream (absent from the shard, or after a tar error) become failures."""
+    def _missing(self, rows: list[int], piece: Piece, errors: StreamErrors) -> Iterator[dict[str, Any]]:
+        """Rows never met in the stream (the shard is shorter, or ends at a tar error) become failures."""
         reason = f"not found in {piece.shard_name}" + (f" ({errors.errors[-1]})" if errors.errors else "")
         by_batch: dict[tuple[int, int], list[tuple[int, None, str]]] = {}
-        for row in sorted(expected.values()):
+        for row in rows:
             by_batch.setdefault(self.grid.batch_of(row), []).append((row, None, reason))
         for rows in by_batch.values():
             yield self._item(rows, piece)

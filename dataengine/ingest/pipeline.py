@@ -93,10 +93,14 @@ def _process_block(rows: list[Row], slot: int = -1) -> list[tuple]:
             samples.append((row.index, fetched.key, "corrupt", str(exc)))
             continue
         metadata = fetched.metadata
-        metadata.update(width=image.width, height=image.height, sha256=sha256, key=fetched.key)
+        stored = dict(width=image.width, height=image.height, sha256=sha256, key=fetched.key)
+        for name, value in stored.items():  # a webdataset sidecar's own different value is kept beside ours
+            if metadata.get(name) not in (None, value):
+                metadata[f"sidecar_{name}"] = metadata[name]
+        metadata.update(stored)
         document = _SAMPLE_JSON.encode(metadata).encode()
         jpeg = image.jpeg
-        member: Any = sample_members(fetched.key, jpeg, document)
+        member: Any = sample_members(fetched.key, jpeg, document, fetched.extras)
         size = len(member)
         if arena is not None and position + size <= end:
             arena[position : position + size] = member

@@ -321,7 +321,7 @@ def test_corrupt_and_missing_samples_are_recorded_and_the_run_continues(tmp_path
     assert np.flatnonzero(~store.valid).tolist() == invalid
     failures = {f["row"]: f for f in store.attrs["failures"]}
     assert sorted(failures) == invalid and failures[1]["key"] == "k01"
-    assert "no .jpg member" in failures[7]["error"] and "not found in shards/shard-000002.tar" in failures[13]["error"]
+    assert "no image member" in failures[7]["error"] and "not found in shards/shard-000002.tar" in failures[13]["error"]
     features, clean = store.features[:], open_store(str(tmp_path / "clean.zarr")).features[:]
     assert not features[invalid].any()
     ok = [r for r in range(15) if r not in invalid]
