@@ -576,10 +576,10 @@ class TarSample:
         key: the sample key, kept as the ingest key.
         image: member name of its image (the first of :data:`dataengine.shards.IMAGE_EXTENSIONS`), or None.
         offset: data offset of the image in a local tar (-1 when streamed).
-        size: image bytes.
+        size: image bytes (-1 for an image of a streamed tar skipped for its size).
         data: the image bytes of a streamed tar (None for a local tar: read by offset).
         sidecars: every other member as ``(extension, bytes)``, in tar order.
-        error: why the sample cannot be used (a member over ``max_bytes``), or None.
+        error: why the sample cannot be used (members over ``max_bytes``), or None.
     """
 
     key: str
@@ -618,25 +618,27 @@ def _sidecar_samples(url: str, storage_options: dict[str, Any] | None, max_bytes
         image = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
         name, offset, size, read = sample.members[image] if image else (None, -1, 0, lambda: None)
         sidecars, too_large = [], []
-        for extension, (member, _, member_size, member_read) in sample.members.items():
+        for extension, (member, _, _, member_read) in sample.members.items():
             if extension == image:
                 continue
             data = member_read()
             if data is None:
-                too_large.append(f"{member} ({member_size} bytes)")
+                too_large.append(member)
             else:
                 sidecars.append((extension, data))
-        error = f"members over {max_bytes} bytes: {', '.join(too_large)}" if too_large else None
-        streamed = offset < 0  # else a local tar: the worker reads the image by offset
-        yield TarSample(sample.key, name, offset, size, read() if streamed and image else None, tuple(sidecars),
-                        error)
+        data = read() if image and offset < 0 else None  # a local tar's image is read by offset, in a worker
+        if image and (size > max_bytes or (offset < 0 and data is None)):
+            too_large.insert(0, name)
+        error = f"over the {max_bytes} bytes read at most: {', '.join(too_large)}" if too_large else None
+        yield TarSample(sample.key, name, offset, size, data, tuple(sidecars), error)
 
 
 def _tar_samples(url: str, storage_options: dict[str, Any] | None, max_bytes: int) -> Iterator[_Sample]:
-    """Samples of a local ``.tar`` (headers scanned, members read by offset) or of any other tar streamed with
-    ``tarfile`` (``.tar.gz`` and object storage; members over ``max_bytes`` are skipped unread)."""
+    """Samples of a local ``.tar`` (headers scanned, members read by offset) or of any other tar read front to
+    back (``.tar.gz``, object storage); members over ``max_bytes`` are never held in memory (``read()`` gives
+    None)."""
     from dataengine.fs import open_input
-    from dataengine.tario import scan_tar
+    from dataengine.tario import iter_members, scan_tar
 
     errors: list[str] = []
     if not is_remote(url) and url.lower().endswith(".tar"):
@@ -649,22 +651,13 @@ def _tar_samples(url: str, storage_options: dict[str, Any] | None, max_bytes: in
         finally:
             os.close(fd)
     else:
-        with open_input(url, storage_options) as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
-            yield from group_samples(_streamed_members(archive, max_bytes), errors)
+        with open_input(url, storage_options) as stream:
+            members = ((name, -1, -1 if data is None else len(data), lambda d=data: d)
+                       for name, data in iter_members(stream, max_bytes=max_bytes))
+            yield from group_samples(members, errors)
     if errors:
         raise tarfile.ReadError(f"{url}: {errors[0]}")
 
 
 def _bounded_pread(fd: int, offset: int, size: int, max_bytes: int) -> Callable[[], bytes | None]:
     return lambda: os.pread(fd, size, offset) if size <= max_bytes else None
-
-
-def _streamed_members(archive: Any, max_bytes: int) -> Iterator[Member]:
-    for member in archive:
-        if not member.isfile():
-            continue
-        data = None
-        if member.size <= max_bytes:
-            handle = archive.extractfile(member)
-            data = handle.read() if handle else b""
-        yield member.name, -1, member.size, lambda d=data: d

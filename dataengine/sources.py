@@ -184,9 +184,8 @@ def _iter_tar_rows(tar_url: str, storage_options: dict[str, Any]) -> Iterator[Ro
     samples = webdataset_tar_samples(tar_url, storage_options, MAX_FILE_BYTES)
     if samples is not None:
         for index, sample in enumerate(samples):
-            error = sample.error or (_too_large(sample.size) if sample.image else None)
-            yield Row(index, path=sample.image, data=sample.data, offset=sample.offset, size=sample.size,
-                      error=error, key=sample.key, sidecars=sample.sidecars)
+            yield Row(index, path=sample.image, data=sample.data, offset=sample.offset, size=max(sample.size, 0),
+                      error=sample.error, key=sample.key, sidecars=sample.sidecars)
         return
     if not is_remote(tar_url) and tar_url.lower().endswith(".tar"):
         # A local uncompressed tar: only headers are read here; workers read member bytes by offset.

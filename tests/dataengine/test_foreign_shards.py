@@ -351,6 +351,11 @@ def test_ingest_of_a_webdataset_tar_keeps_keys_and_sidecars(tmp_path):
             assert document["caption"] == sample["txt"].decode() and document["status"] == "success"
             assert document["url"].endswith(f"{sample['__key__']}.jpg") and document["tag"] in ("t0", "t1")
             assert document["source"] == f"{sample['__key__']}.jpg" and document["original_width"] == 64
+    # Members over the read limit are never held: the sample says which (images by offset or streamed alike).
+    for images in (tar, str(tmp_path / "streamed.tar.gz")):
+        samples = list(foreign_shards.webdataset_tar_samples(images, None, max_bytes=200))
+        assert [s.key for s in samples] == order and all(s.data is None for s in samples)
+        assert all(s.error == f"over the 200 bytes read at most: {s.key}.jpg, {s.key}.json" for s in samples)
     # A plain tar of images (no sidecars) is still read as an image folder: hashed keys, folder labels.
     with tarfile.open(tmp_path / "plain.tar", "w") as plain:
         for i in range(2):
