@@ -1,22 +1,16 @@
 """Cluster stage: PCA-whitening + hierarchical k-means of a feature store, stored with the features.
 
 ``run_cluster`` reads the store's ``features`` block by block (chunk-aligned), fits the whitening, runs the
-hierarchical k-means of :mod:`indexes` and writes everything under ``clusterings/NAME/`` in the store:
+hierarchical k-means of :mod:`indexes` and writes the clustering into the store through
+:class:`dataengine.clustering.ClusteringWriter` (layout in :mod:`dataengine.clustering`): one id per row and
+level, per-cluster arrays, the whitening, a FAISS index over the leaf centroids and one over all rows. The
+attributes, ``complete: true`` among them, are written last and only once every valid row has a cluster at
+every level. Re-running a finished clustering with the same configuration does nothing; another configuration
+needs ``overwrite``.
 
-```
-clusterings/NAME/level0            (N,) int32 super-cluster of every row (-1: row invalid at embedding)
-clusterings/NAME/level1            (N,) int32 global sub-cluster id (and so on for deeper levels)
-clusterings/NAME/levelL_parents    (K_L,) int32 parent cluster (at level L-1) of each level-L cluster
-clusterings/NAME/levelL_centroids  (K_L, D) float32 centroids in the whitened space
-clusterings/NAME/levelL_sizes, levelL_group_offsets, levelL_objective_history, levelL_empty_splits
-clusterings/NAME/pca_mean, pca_components, pca_eigenvalues
-clusterings/NAME/centroid_index    uint8 bytes of a FAISS index over the leaf centroids (ids = leaf ids)
-clusterings/NAME/neighbor_index    uint8 bytes of a FAISS index over all whitened rows (ids = rows)
-attrs: format version, resolved config, statistics per level, "complete": true (written last)
-```
-
-Distributed: every rank of the process group owns a contiguous, chunk-aligned range of rows, so no two
-ranks write the same chunk; only k x d sums and k counts cross ranks (see :mod:`indexes.kmeans`).
+Distributed: every rank of the process group owns a contiguous, chunk-aligned range of rows, and the id arrays
+are chunked so that every rank's range starts a chunk: no two ranks write the same chunk. Only k x d sums and
+k counts cross ranks (see :mod:`indexes.kmeans`).
 """
 
 from __future__ import annotations
@@ -29,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from dataengine.clustering import (
+    ClusteringWriter, clustering_attrs, latest_clustering, open_clustering,
+)
 from dataengine.errors import OutputExistsError
 from dataengine.store import FeatureStore, open_store
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "dataengine.clustering"
-VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +39,7 @@ class ClusterConfig:
     store: str
     """Feature store written by ``dataengine embed`` (local path or URL)."""
     name: str
-    """Name of the clustering inside the store (``clusterings/NAME``)."""
+    """Name of the clustering inside the store."""
     levels: tuple[int, ...] = (4, 256)
     """Clusters per level: ``(m, k)`` = m super-clusters, each split into k."""
     pca_dim: int | None = 256
@@ -103,9 +97,17 @@ class ClusterResult:
     num_rows: int
     seconds: float
     neighbor_index: str | None = None
+    already_complete: bool = False
+    """True when the same clustering was found complete and nothing was computed."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Assignment chunks hold up to this many feature chunks (fewer when a rank's range needs it).
+_ASSIGNMENT_CHUNK_FACTOR = 4
+# Fields of the resolved config that do not change the clustering: a re-run differing only there is the same.
+_NOT_OUTPUT_DEFINING = ("store", "overwrite", "num_threads")
 
 
 def _rank_bounds(num_rows: int, chunk_rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -116,60 +118,101 @@ def _rank_bounds(num_rows: int, chunk_rows: int, rank: int, world_size: int) -> 
     return start, min(num_rows, start + per_rank * chunk_rows)
 
 
-def _prepare(store: FeatureStore, config: ClusterConfig, rank: int) -> None:
-    path = f"clusterings/{config.name}"
-    if store.has(path) and store.read_attrs(path).get("complete") and not config.overwrite:
-        raise OutputExistsError(f"clustering {config.name!r} already exists in {store.url}; use --overwrite")
-    if config.pca_dim is not None and config.pca_dim > store.dim:
-        raise ValueError(f"pca_dim={config.pca_dim} is larger than the feature dimension {store.dim}; "
-                         f"use --pca {store.dim} or less")
-    if rank == 0 and store.has(path):
-        del store.group[path]
+def _assignment_chunk_rows(num_rows: int, chunk_rows: int, world_size: int) -> int:
+    """Rows per chunk of the id arrays: up to 4 feature chunks, and a divisor of every rank's range (see
+    :func:`_rank_bounds`), so that each rank's first row starts a chunk."""
+    per_rank = -(-(-(-num_rows // chunk_rows)) // world_size)
+    factor = max(f for f in range(1, _ASSIGNMENT_CHUNK_FACTOR + 1) if per_rank % f == 0)
+    return chunk_rows * factor
+
+
+def _output_config(config: ClusterConfig | dict[str, Any]) -> dict[str, Any]:
+    values = config.resolved() if isinstance(config, ClusterConfig) else dict(config)
+    return {key: value for key, value in values.items() if key not in _NOT_OUTPUT_DEFINING}
+
+
+def _finished(store: FeatureStore, config: ClusterConfig) -> ClusterResult | None:
+    """The recorded result when the same clustering is already complete; ``None`` when it must be computed.
+
+    Raises:
+        OutputExistsError: a complete clustering of that name made with another configuration (no overwrite).
+    """
+    attrs = clustering_attrs(store, config.name)
+    if not attrs or not attrs.get("complete") or config.overwrite:
+        return None
+    recorded, wanted = _output_config(attrs.get("config", {})), _output_config(config)
+    if recorded != wanted or "summary" not in attrs:
+        differing = sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
+        raise OutputExistsError(f"clustering {config.name!r} already exists in {store.url} with another "
+                                f"configuration (differs in {', '.join(differing) or 'its origin'}); use --overwrite "
+                                "or another --name")
+    logger.info("clustering %r in %s is already complete with this configuration; nothing to do",
+                config.name, store.url)
+    return ClusterResult(**dict(attrs["summary"], seconds=0.0, already_complete=True))
 
 
 def run_cluster(config: ClusterConfig, progress: Callable[[int], None] | None = None,
                 reducer: Any = None) -> ClusterResult:
-    """Cluster every row of the store and write the result under ``clusterings/NAME``.
+    """Cluster every row of the store and write the result under the clustering's name.
 
     Args:
         config: what to cluster and how.
         progress: called with the number of rows of each block read.
         reducer: an :class:`indexes.distributed.Reducer` shared by every rank (all ranks call this together);
             ``None`` for a single process.
+
+    Raises:
+        FileNotFoundError / IncompleteOutputError: no complete feature store at ``config.store`` (nothing is
+            created there).
+        OutputExistsError: a complete clustering of that name with another configuration (and no overwrite).
+        IncompleteOutputError: a valid row ended without a cluster (the clustering is then not marked complete).
     """
     from indexes.distributed import LocalReducer
     from indexes.threads import set_num_threads
 
     start = time.perf_counter()
-    set_num_threads(config.num_threads)
     reducer = reducer or LocalReducer()
+    store = open_store(config.store, config.storage_options)
+    done = _finished(store, config)
+    if done is not None:
+        return done
+    if config.pca_dim is not None and config.pca_dim > store.dim:
+        raise ValueError(f"pca_dim={config.pca_dim} is larger than the feature dimension {store.dim}; "
+                         f"use --pca {store.dim} or less")
+    set_num_threads(config.num_threads)
     store = open_store(config.store, config.storage_options, mode="r+")
-    _prepare(store, config, reducer.rank)
+    writer = ClusteringWriter(store, config.name)
+    reducer.barrier()  # every rank has read the old attributes before they go
+    if reducer.rank == 0:
+        writer.remove()
     reducer.barrier()
     features = store.features
     lo, hi = _rank_bounds(store.num_rows, features.chunks[0], reducer.rank, reducer.world_size)
     pca, result = _fit(features, lo, hi, config, reducer, progress)
-    valid = store.valid[lo:hi]
-    _write_assignments(store, config, result, lo, hi, valid, reducer)
-    index_kind = None
-    if reducer.rank == 0:
-        _write_model(store, config, pca, result)
-        if config.neighbor_index and reducer.world_size == 1:
-            index_kind = _write_neighbor_index(store, config, features, pca, lo, hi)
-    reducer.barrier()
-    stats = [level.to_dict() for level in result.levels]
+    valid = store.valid
+    _write_assignments(writer, store, result, lo, hi, valid[lo:hi], reducer)
     summary = ClusterResult(
         store=store.url, name=config.name, levels=list(config.levels),
         num_clusters=[level.num_clusters for level in result.levels],
         objective=[float(level.objective) for level in result.levels],
         empty_splits=[int(level.empty_splits.sum()) for level in result.levels],
-        num_rows=store.num_rows, seconds=time.perf_counter() - start, neighbor_index=index_kind,
+        num_rows=store.num_rows, seconds=0.0,
     )
+    error = None
+    if reducer.rank == 0:
+        try:
+            _write_model(writer, pca, result)
+            if config.neighbor_index and reducer.world_size == 1:
+                summary.neighbor_index = _write_neighbor_index(writer, config, features, pca, lo, hi)
+            writer.check_assigned(len(config.levels), valid, summary.num_clusters)
+        except Exception as exc:  # re-raised below, once every rank knows not to wait for rank 0
+            error = exc
+    if _any_rank(reducer, error is not None):
+        raise error or RuntimeError(f"rank 0 could not finish clustering {config.name!r}; see its log")
+    summary.seconds = time.perf_counter() - start
     if reducer.rank == 0:  # last: the clustering is complete only once these attributes exist
-        store.write_attrs(f"clusterings/{config.name}", {
-            "format": FORMAT, "version": VERSION, "config": config.resolved(), "levels": stats,
-            "summary": summary.to_dict(), "complete": True,
-        })
+        writer.finish({"config": config.resolved(), "levels": [level.to_dict() for level in result.levels],
+                       "summary": summary.to_dict()})
     return summary
 
 
@@ -190,37 +233,31 @@ def _fit(features: Any, lo: int, hi: int, config: ClusterConfig, reducer: Any,
     return pca, fit_hierarchical_kmeans(whitened, kmeans, reducer=reducer, progress=progress)
 
 
-def _write_assignments(store: FeatureStore, config: ClusterConfig, result: Any, lo: int, hi: int,
+def _write_assignments(writer: ClusteringWriter, store: FeatureStore, result: Any, lo: int, hi: int,
                        valid: np.ndarray, reducer: Any) -> None:
+    """Each rank writes its rows' ids; rank 0 creates the arrays, chunked on the ranks' boundaries."""
     chunk = store.features.chunks[0]
+    chunk_rows = _assignment_chunk_rows(store.num_rows, chunk, reducer.world_size)
+    starts = [_rank_bounds(store.num_rows, chunk, rank, reducer.world_size)[0] for rank in range(reducer.world_size)]
     for level, level_result in enumerate(result.levels):
-        path = f"clusterings/{config.name}/level{level}"
         if reducer.rank == 0:
-            store.group.create_array(path, shape=(store.num_rows,), dtype="int32", chunks=(chunk * 4,),
-                                     overwrite=True, fill_value=-1)
+            writer.create_assignments(level, chunk_rows, boundaries=starts)
         reducer.barrier()
-        ids = np.where(valid, level_result.assignments, -1).astype(np.int32)
-        if hi > lo:
-            store.group[path][lo:hi] = ids
+        writer.write_assignments(level, lo, np.where(valid, level_result.assignments, -1))
     reducer.barrier()
 
 
-def _write_model(store: FeatureStore, config: ClusterConfig, pca: Any, result: Any) -> None:
+def _write_model(writer: ClusteringWriter, pca: Any, result: Any) -> None:
     from indexes.faiss_index import build_centroid_index, index_to_bytes
 
-    base = f"clusterings/{config.name}"
     for level, level_result in enumerate(result.levels):
-        for name, array in level_result.arrays().items():
-            if name != "assignments":
-                store.write_array(f"{base}/level{level}_{name}", np.asarray(array))
-    for name, array in pca.to_arrays().items():
-        store.write_array(f"{base}/pca_{name}", np.asarray(array))
-    leaf = result.levels[-1]
-    index = build_centroid_index(leaf.centroids)
-    store.write_array(f"{base}/centroid_index", np.frombuffer(index_to_bytes(index), dtype=np.uint8))
+        writer.write_level(level, {name: array for name, array in level_result.arrays().items()
+                                   if name != "assignments"})
+    writer.write_pca(pca.to_arrays())
+    writer.write_centroid_index(index_to_bytes(build_centroid_index(result.levels[-1].centroids)))
 
 
-def _write_neighbor_index(store: FeatureStore, config: ClusterConfig, features: Any, pca: Any,
+def _write_neighbor_index(writer: ClusteringWriter, config: ClusterConfig, features: Any, pca: Any,
                           lo: int, hi: int) -> str:
     from indexes.data import ArrayDataset
     from indexes.faiss_index import NeighborIndexConfig, build_neighbor_index, index_to_bytes
@@ -229,29 +266,18 @@ def _write_neighbor_index(store: FeatureStore, config: ClusterConfig, features: 
                             transform_dim=pca.output_dim)
     index, plan = build_neighbor_index(whitened, NeighborIndexConfig(memory_budget_bytes=config.index_memory_bytes,
                                                                      seed=config.seed))
-    store.write_array(f"clusterings/{config.name}/neighbor_index",
-                      np.frombuffer(index_to_bytes(index), dtype=np.uint8), attrs=plan.to_dict())
+    writer.write_neighbor_index(index_to_bytes(index), plan.to_dict())
     return plan.kind
 
 
+def _any_rank(reducer: Any, flag: bool) -> bool:
+    """True when ``flag`` is true on any rank (also a barrier)."""
+    if reducer.world_size == 1:
+        return flag
+    return bool(reducer.all_reduce_sum(np.array([float(flag)]))[0] > 0)
+
+
 # ----------------------------------------------------------------------------------------------- using it
-
-
-def load_clustering(store: FeatureStore, name: str) -> dict[str, Any]:
-    """Attributes of a complete clustering (raises ``KeyError`` naming the ones present otherwise)."""
-    path = f"clusterings/{name}"
-    if not store.has(path) or not store.read_attrs(path).get("complete"):
-        present = sorted(store.group["clusterings"].group_keys()) if store.has("clusterings") else []
-        raise KeyError(f"no complete clustering {name!r} in {store.url}; present: {present}")
-    return store.read_attrs(path)
-
-
-def _pca(store: FeatureStore, name: str) -> Any:
-    from indexes.pca import PCAWhitening
-
-    base = f"clusterings/{name}/pca_"
-    names = ("mean", "components", "eigenvalues", "params")
-    return PCAWhitening.from_arrays({n: store.read_array(base + n) for n in names})
 
 
 def assign_rows(store: FeatureStore, name: str, features: np.ndarray, candidates: int = 64) -> list[np.ndarray]:
@@ -261,23 +287,26 @@ def assign_rows(store: FeatureStore, name: str, features: np.ndarray, candidates
     children of the row's parent* (the hierarchy constrains it, so it can differ from the globally nearest
     leaf). The saved leaf index (flat, HNSW or IVF) proposes the ``candidates`` nearest leaves; the first one
     under the right parent wins, and rows with none are searched exactly within their parent's children.
+
+    Raises:
+        KeyError: no complete clustering ``name`` in ``store``.
+        ValueError: a stored index that does not match the clustering (or returns ids outside it).
     """
     from indexes.assign import Assigner
-    from indexes.faiss_index import index_from_bytes
+    from indexes.faiss_index import checked_ids
 
-    attrs = load_clustering(store, name)
-    base = f"clusterings/{name}"
-    rows = _pca(store, name).apply(np.asarray(features, dtype=np.float32))
-    ids = [Assigner(store.read_array(f"{base}/level0_centroids"), backend="blas").assign(rows)[0].astype(np.int32)]
-    num_levels = len(attrs["config"]["levels"])
-    for level in range(1, num_levels):
-        centroids = store.read_array(f"{base}/level{level}_centroids")
-        offsets = store.read_array(f"{base}/level{level}_group_offsets")
-        parents = store.read_array(f"{base}/level{level}_parents")
+    clustering = open_clustering(store, name)
+    rows = clustering.pca().apply(np.asarray(features, dtype=np.float32))
+    ids = [Assigner(clustering.centroids(0), backend="blas").assign(rows)[0].astype(np.int32)]
+    for level in clustering.levels[1:]:
+        centroids = clustering.centroids(level)
+        offsets = clustering.group_offsets(level)
+        parents = clustering.parents(level)
         found = np.full(len(rows), -1, dtype=np.int64)
-        if level == num_levels - 1 and len(rows):
-            index = index_from_bytes(store.read_array(f"{base}/centroid_index").tobytes())
+        if level == clustering.leaf_level and len(rows):
+            index = clustering.centroid_index()
             _, near = index.search(np.ascontiguousarray(rows), min(candidates, len(centroids)))
+            near = checked_ids(near, len(centroids), f"centroid index of clustering {name!r}")
             match = (near >= 0) & (parents[np.maximum(near, 0)] == ids[-1][:, None])
             hit = match.any(axis=1)
             found[hit] = near[hit, match[hit].argmax(axis=1)]
@@ -290,28 +319,23 @@ def assign_rows(store: FeatureStore, name: str, features: np.ndarray, candidates
 
 
 def nearest_neighbors(store: FeatureStore, name: str, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest rows of ``row`` (itself included) and their squared distances in whitened space."""
-    from indexes.faiss_index import index_from_bytes
+    """The ``k`` nearest rows of ``row`` (itself included) and their squared distances in whitened space.
 
-    load_clustering(store, name)
-    path = f"clusterings/{name}/neighbor_index"
-    if not store.has(path):
-        raise KeyError(f"clustering {name!r} has no neighbour index (it was built with --no-neighbor-index)")
-    index = index_from_bytes(store.read_array(path).tobytes())
-    query = _pca(store, name).apply(np.asarray(store.features[row:row + 1], dtype=np.float32))
+    Fewer than ``k`` come back when the index finds fewer (faiss's -1 ids are dropped).
+
+    Raises:
+        KeyError: no such clustering, or one without a neighbour index.
+        ValueError: a stored index that is not an index of this store's rows (or returns ids outside them).
+    """
+    from indexes.faiss_index import checked_ids
+
+    clustering = open_clustering(store, name)
+    pca = clustering.pca()
+    index = clustering.neighbor_index(dim=pca.output_dim)
+    query = pca.apply(np.asarray(store.features[row:row + 1], dtype=np.float32))
     distances, rows = index.search(np.ascontiguousarray(query, dtype=np.float32), k)
-    return rows[0], distances[0]
-
-
-def latest_clustering(store: FeatureStore) -> str:
-    """Name of the last complete clustering in the store, by name order (epoch names sort in time order)."""
-    if not store.has("clusterings"):
-        raise KeyError(f"{store.url} has no clustering yet; run `dataengine cluster` first")
-    done = sorted(n for n in store.group["clusterings"].group_keys()
-                  if store.read_attrs(f"clusterings/{n}").get("complete"))
-    if not done:
-        raise KeyError(f"{store.url} has no complete clustering; run `dataengine cluster` first")
-    return done[-1]
+    rows = checked_ids(rows[0], store.num_rows, f"neighbour index of clustering {name!r}")
+    return rows[rows >= 0], distances[0][rows >= 0]
 
 
 def neighbors_of_key(store_url: str, key: str, k: int, name: str | None,
@@ -324,33 +348,39 @@ def neighbors_of_key(store_url: str, key: str, k: int, name: str | None,
     if not matches.size:
         raise KeyError(f"no image with key {key!r} in {store_url}")
     rows, distances = nearest_neighbors(store, name, int(matches[0]), k)
-    leaf = store.group[f"clusterings/{name}/level{len(load_clustering(store, name)['config']['levels']) - 1}"]
+    clustering = open_clustering(store, name)
+    leaf = clustering.assignment_array(clustering.leaf_level)
     return {"name": name, "key": key, "neighbors": [
         {"key": str(keys[r]), "row": int(r), "distance": float(d), "cluster": int(leaf[int(r)])}
-        for r, d in zip(rows, distances) if r >= 0]}
+        for r, d in zip(rows, distances)]}
 
 
 def assign_store(store_url: str, name: str, features_url: str,
                  storage_options: dict[str, Any] | None = None) -> list[np.ndarray]:
-    """Assign every row of another feature store to clustering ``name``; written to that store.
+    """Assign every row of another feature store to clustering ``name``; written to that store (replacing a
+    clustering of that name there).
 
     Returns the cluster sizes per level of the assigned rows.
     """
     store = open_store(store_url, storage_options)
-    target = open_store(features_url, storage_options, mode="r+")
+    clustering = open_clustering(store, name)
+    target = open_store(features_url, storage_options)
     if target.dim != store.dim:
         raise ValueError(f"{features_url} has {target.dim}-d features, the clustering expects {store.dim}")
-    attrs = load_clustering(store, name)
+    target = open_store(features_url, storage_options, mode="r+")
     chunk = target.features.chunks[0]
     parts = [assign_rows(store, name, target.features[i:i + chunk]) for i in range(0, target.num_rows, chunk)]
     valid = target.valid
+    writer = ClusteringWriter(target, name)
+    writer.remove()
     sizes = []
-    for level in range(len(attrs["config"]["levels"])):
+    for level in clustering.levels:
         ids = np.where(valid, np.concatenate([p[level] for p in parts]), -1).astype(np.int32)
-        target.write_array(f"clusterings/{name}/level{level}", ids, chunks=(chunk * 4,))
-        num = len(store.read_array(f"clusterings/{name}/level{level}_sizes"))
-        sizes.append(np.bincount(ids[ids >= 0], minlength=num))
-    target.write_attrs(f"clusterings/{name}", {"format": FORMAT, "version": VERSION, "complete": True,
-                                               "assigned_from": {"store": store_url, "name": name},
-                                               "config": attrs["config"]})
+        writer.create_assignments(level, chunk * _ASSIGNMENT_CHUNK_FACTOR)
+        writer.write_assignments(level, 0, ids)
+        sizes.append(np.bincount(ids[ids >= 0], minlength=clustering.num_clusters(level) or 0))
+    num_clusters = [len(s) for s in sizes]
+    writer.check_assigned(clustering.num_levels, valid, num_clusters)
+    writer.finish({"config": clustering.config, "assigned_from": {"store": store_url, "name": name},
+                   "summary": {"num_clusters": num_clusters}})
     return sizes

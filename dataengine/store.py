@@ -16,7 +16,7 @@ Layout (``N`` rows, row ``r`` = row ``r`` of the ingest's ``metadata.parquet``):
     STORE/metadata/lat, lon         (N,) float64, NaN = missing                      (float column)
     STORE/progress                  (num_blocks,) string, one object per block: the block's completion record
                                     (JSON: rows, invalid rows and their errors), "" until the block is done
-    STORE/<anything>/...            groups written by later stages (``clusterings/NAME/...``)
+    STORE/<anything>/...            groups written by later stages (clusterings: :mod:`dataengine.clustering`)
 
 Categorical metadata (``user``, ``device``, ``label``; ``tags`` per tag) is stored as int32 codes plus a
 sorted string vocabulary rather than as one string per row: reports and NMI computations work on the codes
@@ -197,7 +197,7 @@ class FeatureStore:
         return True
 
     def read_array(self, path: str) -> np.ndarray:
-        """The whole array at ``path`` (e.g. ``clusterings/k1000/assignments``) as numpy."""
+        """The whole array at ``path`` (e.g. ``metadata/lat``) as numpy."""
         return self.group[path][...]
 
     def read_attrs(self, path: str = "") -> dict[str, Any]:
@@ -274,7 +274,10 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None, *, mode:
     import zarr
 
     try:
-        group = zarr.open_group(store=zarr_store(url, storage_options, read_only=mode == "r"), mode=mode)
+        # Read-only first: opening a missing local store for writing would create an empty folder.
+        group = zarr.open_group(store=zarr_store(url, storage_options, read_only=True), mode="r")
+        if mode != "r":
+            group = zarr.open_group(store=zarr_store(url, storage_options), mode=mode)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"no feature store at {url}") from exc
     store = FeatureStore(group, url, storage_options)

@@ -205,11 +205,48 @@ def index_to_bytes(index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def index_from_bytes(buffer: bytes):
-    """Inverse of :func:`index_to_bytes`."""
+# The index types this module builds; any other type read back is refused.
+_INDEX_TYPES = ("IndexFlatL2", "IndexHNSWFlat", "IndexIVFFlat", "IndexIVFPQ")
+
+
+def index_from_bytes(buffer: bytes, *, dim: int | None = None, num_vectors: int | None = None,
+                     what: str = "index"):
+    """Inverse of :func:`index_to_bytes`, checked: one of the L2 index types built here, of ``dim``
+    dimensions holding ``num_vectors`` vectors when given.
+
+    Raises:
+        ValueError: a one-line message naming ``what`` when the bytes are not such an index.
+    """
     import faiss
 
-    return faiss.deserialize_index(np.frombuffer(buffer, dtype=np.uint8))
+    try:
+        index = faiss.deserialize_index(np.frombuffer(buffer, dtype=np.uint8))
+    except RuntimeError as exc:  # faiss reports any unreadable buffer as a RuntimeError
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{what} is not a readable FAISS index ({reason})") from None
+    kind = type(index).__name__
+    if kind not in _INDEX_TYPES or index.metric_type != faiss.METRIC_L2:
+        metric = "L2" if index.metric_type == faiss.METRIC_L2 else f"metric {index.metric_type} (not L2)"
+        raise ValueError(f"{what} is an index of type {kind}, {metric}; expected an L2 {', '.join(_INDEX_TYPES)}")
+    if dim is not None and index.d != dim:
+        raise ValueError(f"{what} holds {index.d}-d vectors; expected {dim}-d")
+    if num_vectors is not None and index.ntotal != num_vectors:
+        raise ValueError(f"{what} holds {index.ntotal} vectors; expected {num_vectors}")
+    return index
+
+
+def checked_ids(ids: np.ndarray, num_vectors: int, what: str = "index") -> np.ndarray:
+    """Ids returned by a search, checked to lie in ``[0, num_vectors)`` or be -1 (faiss: fewer hits than asked).
+
+    Raises:
+        ValueError: an id outside that range (a forged or corrupt index), in one line naming ``what``.
+    """
+    ids = np.asarray(ids)
+    bad = (ids < -1) | (ids >= num_vectors)
+    if bad.any():
+        raise ValueError(f"{what} returned id {int(ids[bad].flat[0])}, outside [0, {num_vectors}): the index is "
+                         "corrupt or was not built over these vectors")
+    return ids
 
 
 def recall_at_1(found: np.ndarray, exact: np.ndarray) -> float:

@@ -95,13 +95,14 @@ def label_nmi(store: str, seed: int) -> float:
     import numpy as np
 
     from dataengine.cluster import ClusterConfig, run_cluster
+    from dataengine.clustering import open_clustering
     from dataengine.metrics import nmi_score
     from dataengine.store import open_store
 
     run_cluster(ClusterConfig(store=store, name="k10", levels=(10,), pca_dim=64, seed=seed, overwrite=True,
                               neighbor_index=False))
     opened = open_store(store)
-    clusters = opened.read_array("clusterings/k10/level0")
+    clusters = open_clustering(opened, "k10").assignments(0)
     labels = opened.metadata("label").codes
     keep = (clusters >= 0) & (np.asarray(labels) >= 0)
     return float(nmi_score(clusters[keep], np.asarray(labels)[keep]))

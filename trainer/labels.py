@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from dataengine.clustering import open_clustering
 from trainer.losses import local_sub_targets
 
 
@@ -23,12 +24,13 @@ class Labels:
 
     @classmethod
     def from_store(cls, store: Any, name: str, mode: str) -> "Labels":
-        level0 = store.read_array(f"clusterings/{name}/level0").astype(np.int64)
+        clustering = open_clustering(store, name)
+        level0 = clustering.assignments(0).astype(np.int64)
         if mode != "deepercluster":
-            k = len(store.read_array(f"clusterings/{name}/level0_sizes"))
+            k = len(clustering.sizes(0))
             return cls(name, level0, level0, np.zeros_like(level0), np.zeros(0, np.int64), k)
-        level1 = store.read_array(f"clusterings/{name}/level1").astype(np.int64)
-        parents = store.read_array(f"clusterings/{name}/level1_parents")
-        m = len(store.read_array(f"clusterings/{name}/level0_sizes"))
+        level1 = clustering.assignments(1).astype(np.int64)
+        parents = clustering.parents(1)
+        m = len(clustering.sizes(0))
         targets = local_sub_targets(np.maximum(level1, 0), parents, num_parents=m)
         return cls(name, level1, np.maximum(level0, 0), targets.local, targets.counts, int(len(parents)))

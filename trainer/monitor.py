@@ -1,42 +1,46 @@
 """What the training loop logs about each re-clustering: NMI against metadata and against the last one.
 
-Reuses the report stage's readers (:class:`dataengine.metrics.store_labels.StoreLabels`) and the streaming NMI of
-:mod:`dataengine.metrics`, on the leaf level of the clustering.
+The same streaming pass as the report stage (:func:`dataengine.metrics.store.evaluate_store`), on the leaf
+level of the clustering: memory is one block of rows plus the sparse tables.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from dataengine.metrics import finite_or_none, metadata_nmi, nmi_score
-from dataengine.metrics.store_labels import StoreLabels, row_blocks
+from dataengine.clustering import open_clustering
+from dataengine.metrics import finite_or_none
+from dataengine.metrics.store import StoreLabels, evaluate_store, row_blocks
 from dataengine.store import open_store
 
-
-def _leaf(store: Any, name: str) -> np.ndarray:
-    levels = len(store.read_attrs(f"clusterings/{name}")["config"]["levels"])
-    return store.read_array(f"clusterings/{name}/level{levels - 1}").astype(np.int64)
+_CURRENT, _PREVIOUS = "current", "previous"
 
 
 def clustering_nmi(store_url: str, name: str, previous_url: str | None = None,
                    previous_name: str | None = None, block_rows: int = 1 << 20) -> dict[str, Any]:
     """NMI of clustering ``name`` against every metadata kind of its store (with chance level and
-    coverage), and against the previous clustering of the same rows when given."""
+    coverage), and against the previous clustering of the same rows when given.
+
+    Returns:
+        ``{"nmi": {kind: {"nmi", "chance", "coverage"}}, "num_clusters": int}`` plus ``"nmi_previous"`` (on
+        the rows assigned in both) with a previous clustering; undefined figures are None.
+    """
     store = open_store(store_url)
-    clusters = _leaf(store, name)
-    labels = StoreLabels(store)
-    blocks = row_blocks(store.num_rows, block_rows)
-    labels.count_tags(blocks)
-    parts = [labels.block(start, end) for start, end in blocks]
-    by_kind = {kind: np.concatenate([part[kind] for part in parts]) for kind in labels.kinds}
-    results = metadata_nmi(clusters, by_kind)
-    summary: dict[str, Any] = {"nmi": {kind: {"nmi": finite_or_none(r.nmi), "chance": finite_or_none(r.chance_nmi),
-                                              "coverage": r.coverage} for kind, r in results.items()},
-                               "num_clusters": int(clusters.max(initial=-1) + 1)}
+    current = open_clustering(store, name)
+    leaves = {_CURRENT: current.assignment_array(current.leaf_level)}
     if previous_url and previous_name:
-        previous = _leaf(open_store(previous_url), previous_name)
-        both = (clusters >= 0) & (previous >= 0)
-        summary["nmi_previous"] = finite_or_none(nmi_score(clusters[both], previous[both]))
+        previous = open_clustering(open_store(previous_url), previous_name)
+        leaves[_PREVIOUS] = previous.assignment_array(previous.leaf_level)
+    compare = [(_CURRENT, _PREVIOUS)] if _PREVIOUS in leaves else []
+    evaluator = evaluate_store(StoreLabels(store), leaves, row_blocks(store.num_rows, block_rows), compare=compare,
+                               scored=[_CURRENT])
+    results = evaluator.nmi()[_CURRENT]
+    cluster_ids = evaluator.sizes(_CURRENT)[0]
+    summary: dict[str, Any] = {
+        "nmi": {kind: {"nmi": finite_or_none(r.nmi), "chance": finite_or_none(r.chance_nmi), "coverage": r.coverage}
+                for kind, r in results.items()},
+        "num_clusters": int(cluster_ids[-1] + 1) if cluster_ids.size else 0,
+    }
+    if compare:
+        summary["nmi_previous"] = finite_or_none(evaluator.pair_nmi()[_CURRENT, _PREVIOUS].nmi)
     return summary

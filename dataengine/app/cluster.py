@@ -20,7 +20,7 @@ def _levels(text: str) -> tuple[int, ...]:
 @app.command()
 def cluster(
     store: str = typer.Argument(..., help="Feature store written by `dataengine embed`."),
-    name: str = typer.Option(..., "--name", help="Name of the clustering (clusterings/NAME in the store)."),
+    name: str = typer.Option(..., "--name", help="Name of the clustering (stored in the feature store)."),
     levels: str = typer.Option("4,256", "--levels", help="Clusters per level: m,k = m super-clusters x k."),
     pca: Optional[int] = typer.Option(256, "--pca", help="Whitened dimension (0: keep the feature dimension)."),
     niter: int = typer.Option(10, "--niter", help="Lloyd iterations per k-means."),
@@ -54,6 +54,9 @@ def cluster(
             result = run_cluster(config, progress=update, reducer=distributed.reducer())
     except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
         fail(str(exc))
+    if result.already_complete:
+        console.print(f"{store}: clustering {name} is already complete with these options; nothing to do "
+                      "(--overwrite recomputes it)")
     rows = [[level, k, f"{obj:.4g}", splits]
             for level, (k, obj, splits) in enumerate(zip(result.num_clusters, result.objective, result.empty_splits))]
     print_table(f"clustering {name}: {result.num_rows} rows in {result.seconds:.1f} s",
@@ -80,7 +83,7 @@ def assign(
         sizes = assign_store(store, name, features, parse_storage_options(storage_options))
     except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
         fail(str(exc))
-    console.print(f"{features}: clusterings/{name} written; clusters used per level: "
+    console.print(f"{features}: clustering {name} written; clusters used per level: "
                   + ", ".join(str(int(np.count_nonzero(s))) for s in sizes))
     emit_summary({"store": store, "name": name, "features": features,
                   "num_rows": int(sizes[0].sum()), "num_clusters": [int(len(s)) for s in sizes]}, as_json)

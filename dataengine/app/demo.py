@@ -59,6 +59,7 @@ def _stage(result: DemoResult, name: str, fn: Callable[[], dict[str, Any]]) -> N
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run synth -> ingest -> embed -> cluster -> report -> train."""
     from dataengine.cluster import ClusterConfig, run_cluster
+    from dataengine.clustering import layout_path
     from dataengine.embed import EmbedConfig, run_embed
     from dataengine.ingest import IngestConfig, run_ingest
     from dataengine.report import ReportConfig, run_report
@@ -92,7 +93,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     def cluster() -> dict[str, Any]:
         clustered = run_cluster(ClusterConfig(store=store, name="demo", levels=(4, 8), pca_dim=32,
                                               seed=config.seed, overwrite=True))
-        return {"path": f"{store}/clusterings/demo", "clusters": clustered.num_clusters,
+        return {"path": f"{store}/{layout_path('demo')}", "clusters": clustered.num_clusters,
                 "objective": clustered.objective, "empty_splits": clustered.empty_splits}
 
     def report() -> dict[str, Any]:

@@ -12,7 +12,7 @@ from dataengine.app.cli import app, console, emit_summary, fail, print_table, pr
 @app.command()
 def report(
     store: str = typer.Argument(..., help="Feature store (written by `dataengine embed`), local path or s3://."),
-    clustering: str = typer.Option(..., "--clustering", help="Clustering to report on (clusterings/NAME)."),
+    clustering: str = typer.Option(..., "--clustering", help="Name of the clustering to report on."),
     out: str = typer.Option(..., "--out", help="Output folder for index.html, report.json, plots and grids."),
     compare: Optional[List[str]] = typer.Option(None, "--compare", help="Another clustering (repeatable): NMI "
                                                 "between them and along the sequence NAME, COMPARE..."),

@@ -21,8 +21,9 @@ exists, a class label. This package holds the computations behind that report; r
   (clustering, metadata kind), per pair of compared clusterings and the cluster sizes; it then yields NMI
   results, per-cluster profiles and size statistics. :func:`metadata_nmi`, :func:`nmi_sequence`,
   :func:`consecutive_nmi`, :func:`cluster_profiles` and :func:`nmi_score` wrap it for in-memory arrays.
-* :mod:`~dataengine.metrics.store_labels` -- the label codes of every metadata kind a feature store holds,
-  block by block (imported on its own: it reads stores).
+* :mod:`~dataengine.metrics.store` -- the label codes of every metadata kind a feature store holds, block by
+  block, and :func:`~dataengine.metrics.store.evaluate_store`, the streaming pass scoring clusterings of a
+  store (imported on its own: it reads stores).
 
 Codes are non-negative integers below ``2**31`` (cluster ids and label codes alike); negative ``-1``
 marks a missing value. A pair is stored as the int64 key ``cluster << 32 | label``.

@@ -37,22 +37,27 @@ class ClusteringEvaluator:
     """
 
     def __init__(self, clusterings: Sequence[str], kinds: Sequence[str], *,
-                 compare: Sequence[tuple[str, str]] = (), block_rows: int = DEFAULT_BLOCK_ROWS) -> None:
+                 compare: Sequence[tuple[str, str]] = (), scored: Sequence[str] | None = None,
+                 block_rows: int = DEFAULT_BLOCK_ROWS) -> None:
         """Args:
         clusterings: Names of the clusterings given to :meth:`update` (levels, epochs...).
         kinds: Names of the metadata kinds given to :meth:`update` (see :data:`METADATA_KINDS`).
         compare: Pairs of clustering names whose mutual NMI is wanted.
+        scored: The clusterings scored against the kinds (:meth:`nmi`, :meth:`profiles`); ``None``: all. The
+            others only take part in ``compare`` and :meth:`sizes`.
         block_rows: Rows counted per sort (see :class:`Contingency`).
         """
         self._clusterings, self._kinds = list(clusterings), list(kinds)
-        for what, names in (("clusterings", self._clusterings), ("kinds", self._kinds)):
+        self._scored = self._clusterings if scored is None else list(scored)
+        for what, names in (("clusterings", self._clusterings), ("kinds", self._kinds), ("scored", self._scored)):
             if len(set(names)) != len(names):
                 raise ValueError(f"{what} names must be unique, got {names}")
-        unknown = {name for pair in compare for name in pair} - set(self._clusterings)
+        unknown = {name for pair in compare for name in pair} | set(self._scored)
+        unknown -= set(self._clusterings)
         if unknown:
-            raise ValueError(f"compare names clusterings not in {self._clusterings}: {sorted(unknown)}")
+            raise ValueError(f"compare and scored name clusterings not in {self._clusterings}: {sorted(unknown)}")
         self._tables = {(name, kind): Contingency(block_rows=block_rows)
-                        for name in self._clusterings for kind in self._kinds}
+                        for name in self._scored for kind in self._kinds}
         self._pairs = {tuple(pair): Contingency(block_rows=block_rows) for pair in compare}
         self._sizes = {c: _SparseCounts() for c in self._clusterings}
         self._rows = 0
@@ -87,7 +92,7 @@ class ClusteringEvaluator:
     def nmi(self, *, chance_seed: int | None = 0,
             average_method: str = "arithmetic") -> dict[str, dict[str, NMIResult]]:
         """``result[clustering][kind]``: NMI, chance level (None skips it) and coverage."""
-        results: dict[str, dict[str, NMIResult]] = {name: {} for name in self._clusterings}
+        results: dict[str, dict[str, NMIResult]] = {name: {} for name in self._scored}
         for (name, kind), table in self._tables.items():
             results[name][kind] = table.result(chance_seed=chance_seed, average_method=average_method)
             if table.rows_used == 0:

@@ -1,8 +1,8 @@
 """Report stage: how a clustering of a feature store relates to the photos' metadata, as JSON and HTML.
 
-``run_report`` reads a clustering written by ``dataengine cluster`` (``clusterings/NAME/level{L}``: one int32
-cluster id per row) and the metadata columns that ``dataengine embed`` copied into the store, in blocks of
-rows, and feeds them to :class:`dataengine.metrics.ClusteringEvaluator`:
+``run_report`` reads a clustering written by ``dataengine cluster`` (one int32 cluster id per row and level,
+through :class:`dataengine.clustering.Clustering`) and the metadata columns that ``dataengine embed`` copied
+into the store, in blocks of rows, and feeds them to :class:`dataengine.metrics.ClusteringEvaluator`:
 
 * NMI against each metadata kind present (hashtag, user, GPS cell, device, class label) with its chance level
   and coverage, for every level of the clustering; NMI between clusterings and along a sequence of named
@@ -25,16 +25,16 @@ Modules: :mod:`~dataengine.report.config` (what is asked, what comes back), :mod
 (levels and pairs read), :mod:`~dataengine.report.selection` (clusters shown as grids, their photos),
 :mod:`~dataengine.report.run` (the passes), :mod:`~dataengine.report.outputs` (files written) and
 :mod:`~dataengine.report.html` (plots and HTML rendering). Label codes are read by
-:class:`dataengine.metrics.store_labels.StoreLabels`.
+:class:`dataengine.metrics.store.StoreLabels`.
 """
 
-from dataengine.metrics.store_labels import StoreLabels, row_blocks
-from dataengine.report.clusterings import Series, clustering_levels
+from dataengine.metrics.store import StoreLabels, row_blocks
+from dataengine.report.clusterings import Series, open_series
 from dataengine.report.config import FORMAT, VERSION, ReportConfig, ReportResult, SelectedCluster
 from dataengine.report.run import run_report
 from dataengine.report.selection import sample_rows, select_clusters
 
 __all__ = [
     "FORMAT", "VERSION", "ReportConfig", "ReportResult", "SelectedCluster", "Series", "StoreLabels",
-    "clustering_levels", "row_blocks", "run_report", "sample_rows", "select_clusters",
+    "open_series", "row_blocks", "run_report", "sample_rows", "select_clusters",
 ]

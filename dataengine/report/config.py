@@ -18,7 +18,7 @@ class ReportConfig:
     store: str
     """Feature store written by ``dataengine embed`` (local path or fsspec URL)."""
     clustering: str
-    """Name of the clustering to report on (``clusterings/NAME`` in the store)."""
+    """Name of the clustering of the store to report on."""
     out: str
     """Output folder (local path or fsspec URL) for ``index.html``, ``report.json``, plots and grids."""
     compare: tuple[str, ...] = ()
@@ -132,6 +132,8 @@ class ReportResult:
     """Clusters shown as photo grids."""
     thumbnail_failures: list[dict[str, Any]]
     """Photos that could not be shown: ``{"cluster", "row", "key", "error"}``."""
+    warnings: list[str]
+    """Problems a reader must know, e.g. rows without a cluster (coverage below 1)."""
     seconds: float
     """Wall time of the report."""
 
@@ -145,6 +147,7 @@ class ReportResult:
             "html": self.html, "report": self.report_json, "out": self.out, "clustering": self.clustering,
             "level": self.level, "num_rows": self.num_rows, "num_clusters": self.num_clusters,
             "selected_clusters": len(self.selected), "thumbnail_failures": len(self.thumbnail_failures),
+            "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
         }
 

@@ -32,6 +32,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; }
 figure { margin: 0; width: 392px; } figure img { width: 100%; image-rendering: auto; }
 figcaption { font-size: 0.85em; line-height: 1.35; } figcaption b { font-size: 1.05em; }
 .flag { background: #ffe9a8; border-radius: 3px; padding: 0 0.3em; margin-left: 0.3em; }
+.warning { background: #fde2e1; border-left: 4px solid #c0392b; padding: 0.4em 0.8em; }
 details pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 """
 
@@ -192,9 +193,10 @@ def _summary_section(report: dict[str, Any]) -> str:
              ["clustering", f"{report['clustering']} (levels {', '.join(map(str, report['levels']))})"],
              ["reported level", report["level"]], ["non-empty clusters", sizes["num_clusters"] - sizes["num_empty"]],
              ["metadata kinds", ", ".join(report["kinds"]) or "none"]]
+    warnings = "".join(f'<p class="warning">{_esc(line)}</p>' for line in report.get("warnings", []))
     return (f"<h1>Clustering report: {_esc(report['clustering'])}, level {report['level']}</h1>"
             f'<p class="sub">NMI against metadata partitions with chance levels (DeeperCluster, section 5.3)</p>'
-            + _table(["", ""], facts, text_columns=2))
+            + warnings + _table(["", ""], facts, text_columns=2))
 
 
 def _nmi_section(report: dict[str, Any], images: dict[str, bytes]) -> str:

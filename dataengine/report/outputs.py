@@ -12,7 +12,7 @@ import numpy as np
 
 from dataengine.fs import Location
 from dataengine.metrics import ClusterProfiles, NMIResult, SizeStats, finite_or_none
-from dataengine.metrics.store_labels import StoreLabels
+from dataengine.metrics.store import StoreLabels
 from dataengine.report.clusterings import Series
 from dataengine.report.config import FORMAT, VERSION, ReportConfig, ReportResult, SelectedCluster
 from dataengine.store import FeatureStore
@@ -30,6 +30,7 @@ class _Computed:
     sequence: list[Series]
     profiles: ClusterProfiles
     size_stats: SizeStats
+    warnings: list[str]
 
 
 def _describe_cluster(cluster: int, reasons: list[str], profiles: ClusterProfiles,
@@ -39,8 +40,8 @@ def _describe_cluster(cluster: int, reasons: list[str], profiles: ClusterProfile
     for kind, table in profiles.purity.items():
         code = int(table.dominant[index])
         dominant[kind] = {"value": labels.describe(kind, code), "code": code,
-                          "purity": finite_or_none(float(table.purity[index])), "count": int(table.dominant_count[index]),
-                          "labelled": int(table.labelled[index])}
+                          "purity": finite_or_none(float(table.purity[index])),
+                          "count": int(table.dominant_count[index]), "labelled": int(table.labelled[index])}
     flags = [name for name in ("landmark", "single_user", "device") if getattr(profiles, name)[index]]
     return SelectedCluster(cluster=cluster, reasons=reasons, size=int(profiles.sizes[index]), dominant=dominant,
                            flags=flags)
@@ -65,7 +66,7 @@ def _report_dict(config: ReportConfig, store: FeatureStore, computed: _Computed,
         "flags": {name: int(getattr(profiles, name).sum()) for name in ("landmark", "single_user", "device")},
         "listed_clusters": _listed_clusters(profiles, labels, config.num_listed_clusters),
         "selected": [s.to_dict() for s in selected], "thumbnail_failures": failures,
-        "gps_cell_deg": config.gps_cell_deg,
+        "gps_cell_deg": config.gps_cell_deg, "warnings": computed.warnings,
     }
 
 
@@ -118,5 +119,5 @@ def _result(out: Location, report: dict[str, Any], computed: _Computed, selected
         num_clusters=int(computed.profiles.cluster_ids.size), nmi=computed.nmi[main.label],
         level_nmi={level: computed.nmi[f"{main.name}/level{level}"] for level in computed.levels},
         sequence=report["sequence"], pairs=report["pairs"], size_stats=computed.size_stats, selected=selected,
-        thumbnail_failures=failures, seconds=seconds,
+        thumbnail_failures=failures, warnings=computed.warnings, seconds=seconds,
     )

@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 
 from dataengine.fs import Location
-from dataengine.metrics import ClusteringEvaluator
-from dataengine.metrics.store_labels import StoreLabels, row_blocks
-from dataengine.report.clusterings import Series, _comparisons, _num_clusters, _pick_level, clustering_levels
+from dataengine.metrics.store import StoreLabels, evaluate_store, row_blocks
+from dataengine.report.clusterings import Series, comparisons, coverage_warnings, open_series
 from dataengine.report.config import ReportConfig, ReportResult, SelectedCluster
 from dataengine.report.outputs import _Computed, _describe_cluster, _report_dict, _result, _write_outputs
 from dataengine.report.selection import sample_rows, select_clusters
@@ -68,27 +67,22 @@ def _run(store: FeatureStore, reader: Any, config: ReportConfig, progress: Calla
 def _compute(store: FeatureStore, labels: StoreLabels, blocks: list[tuple[int, int]], config: ReportConfig,
              progress: Callable[[int], None] | None) -> _Computed:
     """The tag pass, then one pass feeding every level and compared clustering to the evaluator."""
-    levels = clustering_levels(store, config.clustering)
-    main = Series(config.clustering, _pick_level(config.clustering, levels, config.level))
-    others = [Series(name, _pick_level(name, clustering_levels(store, name), config.level))
-              for name in config.compare]
-    series = [Series(config.clustering, level) for level in levels] + others
+    clustering, main = open_series(store, config.clustering, config.level)
+    others = [open_series(store, name, config.level)[1] for name in config.compare]
+    series = [Series(clustering, level) for level in clustering.levels] + others
     sequence = [main, *others]
-    pairs = _comparisons([s.label for s in sequence])
-    labels.count_tags(blocks, progress)
-    evaluator = ClusteringEvaluator([s.label for s in series], labels.kinds, compare=pairs)
-    arrays = {s.label: store.group[s.path] for s in series}
-    for start, end in blocks:
-        evaluator.update({label: np.asarray(array[start:end]) for label, array in arrays.items()},
-                         labels.block(start, end))
-        if progress:
-            progress(end - start)
+    evaluator = evaluate_store(labels, {s.label: s.ids for s in series}, blocks,
+                               compare=comparisons([s.label for s in sequence]), progress=progress)
     profiles = evaluator.profiles(main.label, config.flags)
     if not profiles.cluster_ids.size:
-        raise ValueError(f"{main.path} assigns no row to a cluster: nothing to report")
-    return _Computed(main=main, levels=levels, kinds=labels.kinds, nmi=evaluator.nmi(chance_seed=config.seed),
-                     pairs=evaluator.pair_nmi(), sequence=sequence, profiles=profiles,
-                     size_stats=evaluator.size_stats(main.label, _num_clusters(store, main)))
+        raise ValueError(f"clustering {main.label} assigns no row to a cluster: nothing to report")
+    warnings = coverage_warnings(series, evaluator, store)
+    for line in warnings:
+        logger.warning("%s", line)
+    return _Computed(main=main, levels=clustering.levels, kinds=labels.kinds,
+                     nmi=evaluator.nmi(chance_seed=config.seed), pairs=evaluator.pair_nmi(), sequence=sequence,
+                     profiles=profiles, size_stats=evaluator.size_stats(main.label, main.num_clusters),
+                     warnings=warnings)
 
 
 def _photo_grids(store: FeatureStore, reader: Any, main: Series, selected: list[SelectedCluster],
@@ -99,7 +93,7 @@ def _photo_grids(store: FeatureStore, reader: Any, main: Series, selected: list[
     from dataengine.thumbnails import encode_jpeg, make_grid
 
     per_grid = config.grid_side ** 2
-    rows = sample_rows(store.group[main.path], {s.cluster: per_grid for s in selected},
+    rows = sample_rows(main.ids, {s.cluster: per_grid for s in selected},
                        {s.cluster: s.size for s in selected}, seed=config.seed, blocks=blocks)
     if progress:
         progress(store.num_rows)

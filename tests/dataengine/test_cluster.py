@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,8 +12,9 @@ import torch
 import zarr
 
 from dataengine.cluster import ClusterConfig, assign_rows, assign_store, neighbors_of_key, run_cluster
+from dataengine.clustering import ClusteringWriter, layout_path, open_clustering
 from dataengine.embed import EmbedConfig, run_embed
-from dataengine.errors import OutputExistsError
+from dataengine.errors import IncompleteOutputError, OutputExistsError
 from dataengine.ingest import IngestConfig, run_ingest
 from dataengine.store import open_store
 from dataengine.synth import SynthConfig, generate_corpus
@@ -45,25 +45,30 @@ def test_cli_contract_and_layout_readable_with_zarr_alone(store_url):
     assert summary["name"] == "cli" and summary["levels"] == [3, 4] and summary["num_clusters"] == [3, 12]
     assert len(summary["objective"]) == 2 and len(summary["empty_splits"]) == 2
     group = zarr.open_group(store_url, mode="r")
-    level0, level1 = group["clusterings/cli/level0"][:], group["clusterings/cli/level1"][:]
-    parents = group["clusterings/cli/level1_parents"][:]
+    level0, level1 = group[layout_path("cli", "level0")][:], group[layout_path("cli", "level1")][:]
+    parents = group[layout_path("cli", "level1_parents")][:]
     assert level0.shape == level1.shape == (group["features"].shape[0],)
     assert set(np.unique(level0)) <= {0, 1, 2} and np.array_equal(parents[level1], level0)
-    assert group["clusterings/cli"].attrs["complete"] is True
-    again = subprocess.run(command, capture_output=True, text=True)
-    assert again.returncode != 0 and "already exists" in again.stderr
+    assert group[layout_path("cli")].attrs["complete"] is True
+    again = subprocess.run(command, check=True, capture_output=True, text=True)  # same options: nothing to do
+    assert "already complete" in again.stderr and json.loads(again.stdout.splitlines()[-1])["already_complete"]
+    other = subprocess.run([*command, "--seed", "3"], capture_output=True, text=True)
+    assert other.returncode != 0 and "another configuration (differs in seed)" in " ".join(other.stderr.split())
+    assert open_clustering(open_store(store_url), "cli").config["seed"] == 0  # untouched
 
 
 def test_same_seed_same_ids_and_overwrite(store_url):
     first = run_cluster(_config(store_url, "a"))
-    with pytest.raises(OutputExistsError):
-        run_cluster(_config(store_url, "a"))
+    again = run_cluster(_config(store_url, "a", num_threads=2))  # threads do not change the clustering
+    assert again.already_complete and again.num_clusters == first.num_clusters and not first.already_complete
+    with pytest.raises(OutputExistsError, match=r"another configuration \(differs in levels, num_iterations\)"):
+        run_cluster(_config(store_url, "a", levels=(2, 2), num_iterations=3))
     run_cluster(_config(store_url, "a", overwrite=True))
     run_cluster(_config(store_url, "b"))
     store = open_store(store_url)
     for level in range(2):
-        assert np.array_equal(store.read_array(f"clusterings/a/level{level}"),
-                              store.read_array(f"clusterings/b/level{level}"))
+        assert np.array_equal(open_clustering(store, "a").assignments(level),
+                              open_clustering(store, "b").assignments(level))
     assert first.num_clusters == [3, 12]
 
 
@@ -71,9 +76,9 @@ def test_saved_index_assigns_rows_like_the_clustering(store_url, tmp_path):
     run_cluster(_config(store_url, "idx", overwrite=True))
     store = open_store(store_url)
     level0, level1 = assign_rows(store, "idx", store.features[:])
-    stored = store.read_array("clusterings/idx/level1")
+    stored = open_clustering(store, "idx").assignments(1)
     assert np.array_equal(level1, stored)  # flat index + the hierarchy: the clustering's own assignment
-    assert np.array_equal(level0, store.read_array("clusterings/idx/level1_parents")[level1])
+    assert np.array_equal(level0, open_clustering(store, "idx").parents(1)[level1])
     found = neighbors_of_key(store_url, str(store.keys[5]), 4, "idx")
     assert found["neighbors"][0]["row"] == 5 and len(found["neighbors"]) == 4
 
@@ -108,9 +113,141 @@ def test_two_gloo_ranks_give_the_single_process_clustering(store_url, free_port)
     torch.multiprocessing.spawn(_rank_main, args=(2, free_port, config), nprocs=2, join=True)
     store = open_store(store_url)
     for level in range(2):
-        assert np.array_equal(store.read_array(f"clusterings/single/level{level}"),
-                              store.read_array(f"clusterings/dist/level{level}"))
-    assert store.read_attrs("clusterings/dist")["complete"]
+        assert np.array_equal(open_clustering(store, "single").assignments(level),
+                              open_clustering(store, "dist").assignments(level))
+    assert open_clustering(store, "dist").attrs["complete"]
+
+
+def synthetic_store(path: str, num_rows: int, chunk_rows: int, invalid: tuple[int, ...] = (), dim: int = 8) -> str:
+    """A complete feature store of blob features (no images): quick, any row count and chunking."""
+    from dataengine.store import StoreLayout, create_store
+
+    layout = StoreLayout(num_rows=num_rows, dim=dim, dtype="float32", chunk_rows=chunk_rows)
+    store = create_store(path, None, layout, {"num_rows": num_rows, "dim": dim})
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 5, (6, dim))
+    store.group["features"][:] = (centers[rng.integers(0, 6, num_rows)] + rng.normal(0, 1, (num_rows, dim)))
+    valid = np.ones(num_rows, bool)
+    valid[list(invalid)] = False
+    store.group["valid"][:] = valid
+    store.write_array("keys", np.array([f"k{row}" for row in range(num_rows)], dtype=object))
+    store.write_attrs("", {"state": "complete", "complete": True, "num_invalid": len(invalid)})
+    return path
+
+
+@pytest.mark.parametrize(("world_size", "num_rows", "chunk_rows"), [(2, 245, 128), (3, 250, 16)])
+def test_ranks_never_share_an_id_chunk_and_every_row_is_assigned(tmp_path, free_port, world_size, num_rows,
+                                                                 chunk_rows):
+    """Rank ranges that are not multiples of 4 feature chunks (2 ranks: 2 chunks of 128 rows, the second one
+    partial; 3 ranks: 16 chunks, 6 per rank, ids chunked by 3): ids equal the single process's, no valid row
+    is left at -1, and each rank's first row starts a chunk of every id array."""
+    url = synthetic_store(str(tmp_path / "store"), num_rows, chunk_rows, invalid=(3,))
+    run_cluster(_config(url, "single", levels=(2, 3), pca_dim=4, neighbor_index=False))
+    config = _config(url, "dist", levels=(2, 3), pca_dim=4, neighbor_index=False)
+    torch.multiprocessing.spawn(_rank_main, args=(world_size, free_port, config), nprocs=world_size, join=True)
+    store = open_store(url)
+    single, dist = open_clustering(store, "single"), open_clustering(store, "dist")
+    per_rank = -(-(-(-num_rows // chunk_rows)) // world_size) * chunk_rows
+    for level in range(2):
+        ids = dist.assignments(level)
+        assert np.array_equal(ids, single.assignments(level))
+        assert ids[3] == -1 and (np.delete(ids, 3) >= 0).all()
+        chunk = dist.assignment_array(level).chunks[0]
+        assert all(start % chunk == 0 for start in range(0, num_rows, per_rank)), (chunk, per_rank)
+
+
+def test_a_valid_row_without_a_cluster_is_never_marked_complete(tmp_path, monkeypatch):
+    url = synthetic_store(str(tmp_path / "store"), 100, 32)
+    original = ClusteringWriter.write_assignments
+
+    def lose_the_last_row(self, level, start, ids):  # what two ranks sharing a chunk used to do
+        original(self, level, start, np.asarray(ids)[:-1])
+
+    monkeypatch.setattr(ClusteringWriter, "write_assignments", lose_the_last_row)
+    with pytest.raises(IncompleteOutputError, match="1 valid rows have no cluster at level 0 .first: row 99."):
+        run_cluster(_config(url, "lossy", levels=(2, 3), pca_dim=4, neighbor_index=False))
+    with pytest.raises(KeyError, match="no complete clustering 'lossy'"):
+        open_clustering(open_store(url), "lossy")
+    monkeypatch.undo()
+    run_cluster(_config(url, "lossy", levels=(2, 3), pca_dim=4, neighbor_index=False))  # a re-run recomputes it
+    assert (open_clustering(open_store(url), "lossy").assignments(1) >= 0).all()
+
+
+def test_id_arrays_refuse_writer_boundaries_inside_a_chunk(tmp_path):
+    store = open_store(synthetic_store(str(tmp_path / "store"), 100, 32), mode="r+")
+    writer = ClusteringWriter(store, "x")
+    with pytest.raises(ValueError, match=r"boundaries \[48\] do not start chunks of 32 rows"):
+        writer.create_assignments(0, 32, boundaries=[0, 48])
+    writer.create_assignments(0, 16, boundaries=[0, 48, 100])
+
+
+def _forged_ivf(rows: np.ndarray, ids: np.ndarray) -> bytes:
+    import faiss
+
+    from indexes.faiss_index import index_to_bytes
+
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(rows.shape[1]), rows.shape[1], 1)
+    index.train(rows)
+    index.add_with_ids(rows, ids)
+    return index_to_bytes(index)
+
+
+def test_forged_faiss_indices_are_refused_in_one_line(tmp_path):
+    """Ids outside the store (or negative other than faiss's -1), another index type, another size or
+    dimension, or bytes that are no index: a ValueError naming the index, never an IndexError or a wrong row."""
+    import faiss
+
+    from indexes.faiss_index import index_to_bytes
+
+    url = synthetic_store(str(tmp_path / "store"), 120, 32)
+    run_cluster(_config(url, "c", levels=(2, 3), pca_dim=4))
+    store = open_store(url, mode="r+")
+    clustering = open_clustering(store, "c")
+    rows = clustering.pca().apply(np.asarray(store.features[:], np.float32)).astype(np.float32)
+    writer = ClusteringWriter(store, "c")
+    flat_ip = faiss.IndexFlatIP(4)
+    flat_ip.add(rows)
+    short = faiss.IndexFlatL2(4)
+    short.add(rows[:60])
+    wide = faiss.IndexFlatL2(3)
+    wide.add(rows[:, :3].copy())
+    forged = {
+        r"returned id 1000007, outside \[0, 120\)": _forged_ivf(rows, np.arange(120) + 10**6),
+        r"returned id -5, outside \[0, 120\)": _forged_ivf(rows, np.full(120, -5)),
+        r"is an index of type IndexFlatIP, metric 0 \(not L2\)": index_to_bytes(flat_ip),
+        "is an index of type IndexFlatL2, metric 0": b"IxF2" + bytes(64),
+        "holds 60 vectors; expected 120": index_to_bytes(short),
+        "holds 3-d vectors; expected 4-d": index_to_bytes(wide),
+        "is not a readable FAISS index": b"forged index" * 8,
+    }
+    for message, data in forged.items():
+        writer.write_neighbor_index(data, {})
+        with pytest.raises(ValueError, match=f"neighbour index of clustering 'c' {message}"):
+            neighbors_of_key(url, "k7", 4, "c")
+    writer.write_neighbor_index(_forged_ivf(rows, np.arange(120)), {})
+    assert [n["row"] for n in neighbors_of_key(url, "k7", 4, "c")["neighbors"]][0] == 7
+    command = [sys.executable, "-m", "dataengine.cli", "neighbors", url, "--key", "k7", "--name", "c"]
+    writer.write_neighbor_index(_forged_ivf(rows, np.full(120, -5)), {})
+    bad = subprocess.run(command, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "returned id -5" in bad.stderr
+    leaf = clustering.centroids(1)
+    writer.write_centroid_index(_forged_ivf(leaf, np.full(len(leaf), -7)))
+    with pytest.raises(ValueError, match="centroid index of clustering 'c' returned id -7"):
+        assign_rows(store, "c", store.features[:10])
+
+
+def test_a_missing_store_is_refused_and_nothing_is_created(tmp_path):
+    missing = tmp_path / "nope.zarr"
+    with pytest.raises(FileNotFoundError, match="no feature store"):
+        run_cluster(_config(str(missing), "x"))
+    command = [sys.executable, "-m", "dataengine.cli", "cluster", str(missing), "--name", "x"]
+    bad = subprocess.run(command, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no feature store" in bad.stderr
+    url = synthetic_store(str(tmp_path / "store"), 64, 32)
+    run_cluster(_config(url, "c", levels=(2,), pca_dim=4, neighbor_index=False))
+    with pytest.raises(FileNotFoundError, match="no feature store"):
+        assign_store(url, "c", str(missing))
+    assert not missing.exists()
 
 
 def test_store_on_s3(store_url, s3_server, s3_bucket):
@@ -121,11 +258,11 @@ def test_store_on_s3(store_url, s3_server, s3_bucket):
     url = f"{s3_bucket}/store"
     result = run_cluster(_config(url, "s3", storage_options=s3_server))
     store = open_store(url, s3_server)
-    assert store.read_array("clusterings/s3/level1").shape == (store.num_rows,)
+    assert open_clustering(store, "s3").assignments(1).shape == (store.num_rows,)
     assert result.num_clusters == [3, 12]
     local = run_cluster(_config(store_url, "s3", overwrite=True))
-    assert np.array_equal(open_store(store_url).read_array("clusterings/s3/level1"),
-                          store.read_array("clusterings/s3/level1"))
+    assert np.array_equal(open_clustering(open_store(store_url), "s3").assignments(1),
+                          open_clustering(store, "s3").assignments(1))
     assert local.objective == pytest.approx(result.objective)
 
 

@@ -4,6 +4,7 @@ shards on s3://, and the HTML page in a real headless Chromium."""
 from __future__ import annotations
 
 import base64
+import html as html_module
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from dataengine import metrics
+from dataengine.clustering import ClusteringWriter
 from dataengine.embed import EmbedConfig, run_embed
 from dataengine.ingest import IngestConfig, run_ingest
 from dataengine.metrics import ClusterFlagConfig, normalize_device
@@ -54,12 +56,15 @@ def corpus(tmp_path_factory) -> dict:
             "class_names": names}
 
 
-def write_clustering(store, name: str, levels: list[np.ndarray], complete: bool = True) -> None:
+def write_clustering(store, name: str, levels: list[np.ndarray], complete: bool = True, **attrs) -> None:
     """What `dataengine cluster` leaves: one int32 id per row and level, attributes written last."""
+    writer = ClusteringWriter(store, name)
+    writer.remove()
     for level, ids in enumerate(levels):
-        store.write_array(f"clusterings/{name}/level{level}", np.asarray(ids, dtype=np.int32), chunks=(300,))
+        writer.create_assignments(level, 300)
+        writer.write_assignments(level, 0, ids)
     if complete:
-        store.write_attrs(f"clusterings/{name}", {"complete": True})
+        writer.finish({"config": {"levels": [int(ids.max()) + 1 for ids in levels]}, **attrs})
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +140,20 @@ def test_unassigned_rows_and_empty_clusters(corpus, tmp_path):
     store = open_store(corpus["store"], mode="r+")
     sparse = corpus["planted"] * 2  # odd ids stay empty
     sparse[:10] = -1
-    write_clustering(store, "sparse", [np.where(sparse >= 0, sparse // 8, -1), sparse])
-    store.write_attrs("clusterings/sparse", {"summary": {"num_clusters": [3, 2 * NUM_CLASSES]}})
+    write_clustering(store, "sparse", [np.where(sparse >= 0, sparse // 8, -1), sparse],
+                     summary={"num_clusters": [3, 2 * NUM_CLASSES]})
     result = run_report(report_config(corpus, tmp_path, clustering="sparse"))
     assert (result.size_stats.num_clusters, result.size_stats.num_empty) == (2 * NUM_CLASSES, NUM_CLASSES)
     user = result.nmi["user"]
     assert (user.rows_total, user.rows_used) == (sparse.size, sparse.size - 10)
     assert result.num_clusters == NUM_CLASSES and sum(s.size for s in result.selected) <= sparse.size - 10
+    # Rows without a cluster are said loudly: in the result, report.json and the page.
+    expected = [f"sparse/level{level}: 10 of {sparse.size} rows have no cluster (coverage {1 - 10 / sparse.size:.4f}), "
+                "10 of them valid rows: the clustering is incomplete" for level in (0, 1)]
+    assert result.warnings == expected and result.summary()["warnings"] == expected
+    assert json.load(open(result.report_json))["warnings"] == expected
+    assert html_module.escape(expected[1]) in open(result.html).read()
+    assert not run_report(report_config(corpus, tmp_path, clustering="planted")).warnings
 
 
 def test_outputs_are_complete_and_self_contained(corpus, full_report):
@@ -250,7 +262,7 @@ def test_store_labels_follow_the_metrics_encoders(tmp_path):
     """Store codes of every kind (label included) map onto the metrics encoders' partitions, in any blocks."""
     import pyarrow as pa
 
-    from dataengine.metrics.store_labels import StoreLabels
+    from dataengine.metrics.store import StoreLabels
     from dataengine.store import StoreLayout, create_store, write_keys_and_metadata
 
     table = pa.table({

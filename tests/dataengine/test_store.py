@@ -65,21 +65,21 @@ def test_keys_and_typed_metadata_round_trip(tmp_path):
 def test_generic_arrays_and_attributes_for_later_stages(tmp_path):
     store, _ = _new_store(tmp_path / "s.zarr")
     assignments = np.arange(5, dtype=np.int64) % 2
-    store.write_array("clusterings/k2/assignments", assignments, attrs={"k": 2})
-    store.write_array("clusterings/k2/centroids", np.ones((2, 3), np.float32), chunks=(1, 3))
-    store.write_array("clusterings/k2/names", np.array(["a", "b"], dtype=object))
-    store.write_attrs("clusterings/k2", {"method": "kmeans", "levels": [2]})
-    assert store.has("clusterings/k2/assignments") and not store.has("clusterings/k3")
-    np.testing.assert_array_equal(store.read_array("clusterings/k2/assignments"), assignments)
-    assert store.read_array("clusterings/k2/centroids").shape == (2, 3)
-    assert list(store.read_array("clusterings/k2/names")) == ["a", "b"]
-    assert store.read_attrs("clusterings/k2") == {"method": "kmeans", "levels": [2]}
-    assert store.read_attrs("clusterings/k2/assignments") == {"k": 2}
-    store.write_array("clusterings/k2/assignments", np.zeros(5, np.int32))  # replaced, new dtype
-    assert store.read_array("clusterings/k2/assignments").dtype == np.int32
+    store.write_array("results/k2/assignments", assignments, attrs={"k": 2})
+    store.write_array("results/k2/centroids", np.ones((2, 3), np.float32), chunks=(1, 3))
+    store.write_array("results/k2/names", np.array(["a", "b"], dtype=object))
+    store.write_attrs("results/k2", {"method": "kmeans", "levels": [2]})
+    assert store.has("results/k2/assignments") and not store.has("results/k3")
+    np.testing.assert_array_equal(store.read_array("results/k2/assignments"), assignments)
+    assert store.read_array("results/k2/centroids").shape == (2, 3)
+    assert list(store.read_array("results/k2/names")) == ["a", "b"]
+    assert store.read_attrs("results/k2") == {"method": "kmeans", "levels": [2]}
+    assert store.read_attrs("results/k2/assignments") == {"k": 2}
+    store.write_array("results/k2/assignments", np.zeros(5, np.int32))  # replaced, new dtype
+    assert store.read_array("results/k2/assignments").dtype == np.int32
     # Plain zarr sees the same hierarchy.
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
-    assert group["clusterings/k2/centroids"].chunks == (1, 3)
+    assert group["results/k2/centroids"].chunks == (1, 3)
 
 
 def test_blocks_records_and_zarr_only_reading(tmp_path):

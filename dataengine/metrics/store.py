@@ -1,12 +1,15 @@
-"""Label codes of every metadata kind a feature store holds, read block by block.
+"""Metrics over a feature store: its metadata as label codes, and the one streaming pass that scores
+clusterings of its rows.
 
-The bridge between a feature store's metadata columns (written by ``dataengine embed``) and the encoders of
-:mod:`dataengine.metrics.labels`: the report and the trainer's NMI monitor read labels through it.
+:class:`StoreLabels` bridges a feature store's metadata columns (written by ``dataengine embed``) and the
+encoders of :mod:`dataengine.metrics.labels`. :func:`evaluate_store` reads clusterings and labels block by
+block into a :class:`~dataengine.metrics.stream.ClusteringEvaluator`; the report and the trainer's NMI
+monitor both score clusterings through it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,6 +18,7 @@ from dataengine.metrics.labels import (
     KIND_DEVICE, KIND_GPS, KIND_HASHTAG, KIND_LABEL, KIND_USER, METADATA_KINDS, TagVocabulary, categorical_codes,
     count_tags, device_labels, gps_cell_bounds, gps_cells, least_frequent_tags,
 )
+from dataengine.metrics.stream import ClusteringEvaluator
 
 if TYPE_CHECKING:
     from dataengine.store import FeatureStore
@@ -113,3 +117,36 @@ class StoreLabels:
 def row_blocks(num_rows: int, block_rows: int) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` covering ``range(num_rows)`` in blocks of ``block_rows``."""
     return [(start, min(start + block_rows, num_rows)) for start in range(0, num_rows, block_rows)]
+
+
+def evaluate_store(labels: StoreLabels, clusterings: Mapping[str, Any], blocks: Sequence[tuple[int, int]], *,
+                   compare: Sequence[tuple[str, str]] = (), scored: Sequence[str] | None = None,
+                   progress: Callable[[int], None] | None = None) -> ClusteringEvaluator:
+    """Score clusterings of a store's rows against its metadata in one streaming pass (after the tag pass).
+
+    Memory is one block of rows plus the sparse tables, whatever the number of rows.
+
+    Args:
+        labels: the store's label codes.
+        clusterings: name -> cluster ids of every row (a zarr array, or anything sliceable), read per block.
+        blocks: ``(start, end)`` row blocks covering the store (see :func:`row_blocks`).
+        compare: pairs of names whose mutual NMI is wanted.
+        scored: the names scored against the metadata kinds (``None``: all).
+        progress: called with the rows of each block read (the tag pass included).
+
+    Returns:
+        The evaluator, for its NMI, pair NMI, sizes and profiles.
+    """
+    num_rows = blocks[-1][1] if blocks else 0
+    for name, ids in clusterings.items():
+        if ids.shape[0] != num_rows:
+            raise ValueError(f"clustering {name!r} has {ids.shape[0]} ids for {num_rows} rows")
+    if labels.tag_vocabulary is None:
+        labels.count_tags(blocks, progress)
+    evaluator = ClusteringEvaluator(list(clusterings), labels.kinds, compare=compare, scored=scored)
+    for start, end in blocks:
+        evaluator.update({name: np.asarray(ids[start:end]) for name, ids in clusterings.items()},
+                         labels.block(start, end))
+        if progress:
+            progress(end - start)
+    return evaluator
