@@ -226,7 +226,7 @@ def test_forged_faiss_indices_are_refused_in_one_line(tmp_path):
             neighbors_of_key(url, "k7", 4, "c")
     writer.write_neighbor_index(_forged_ivf(rows, np.arange(120)), {})
     assert [n["row"] for n in neighbors_of_key(url, "k7", 4, "c")["neighbors"]][0] == 7
-    command = [sys.executable, "-m", "dataengine.cli", "neighbors", url, "--key", "k7", "--name", "c"]
+    command = [sys.executable, "-m", "dataengine", "neighbors", url, "--key", "k7", "--name", "c"]
     writer.write_neighbor_index(_forged_ivf(rows, np.full(120, -5)), {})
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "returned id -5" in bad.stderr
@@ -240,7 +240,7 @@ def test_a_missing_store_is_refused_and_nothing_is_created(tmp_path):
     missing = tmp_path / "nope.zarr"
     with pytest.raises(FileNotFoundError, match="no feature store"):
         run_cluster(_config(str(missing), "x"))
-    command = [sys.executable, "-m", "dataengine.cli", "cluster", str(missing), "--name", "x"]
+    command = [sys.executable, "-m", "dataengine", "cluster", str(missing), "--name", "x"]
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode == 2 and "no feature store" in bad.stderr
     url = synthetic_store(str(tmp_path / "store"), 64, 32)
