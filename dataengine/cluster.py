@@ -205,14 +205,16 @@ def run_cluster(config: ClusterConfig, progress: Callable[[int], None] | None = 
             if config.neighbor_index and reducer.world_size == 1:
                 summary.neighbor_index = _write_neighbor_index(writer, config, features, pca, lo, hi)
             writer.check_assigned(len(config.levels), valid, summary.num_clusters)
+            summary.seconds = time.perf_counter() - start
+            # Last: the clustering is complete only once these attributes exist.
+            writer.finish({"config": config.resolved(), "levels": [level.to_dict() for level in result.levels],
+                           "summary": summary.to_dict()})
         except Exception as exc:  # re-raised below, once every rank knows not to wait for rank 0
             error = exc
+    # Every rank returns only once the clustering is complete (or every rank raises).
     if _any_rank(reducer, error is not None):
         raise error or RuntimeError(f"rank 0 could not finish clustering {config.name!r}; see its log")
     summary.seconds = time.perf_counter() - start
-    if reducer.rank == 0:  # last: the clustering is complete only once these attributes exist
-        writer.finish({"config": config.resolved(), "levels": [level.to_dict() for level in result.levels],
-                       "summary": summary.to_dict()})
     return summary
 
 

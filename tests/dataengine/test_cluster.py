@@ -103,6 +103,7 @@ def _rank_main(rank: int, world_size: int, port: int, config: ClusterConfig) -> 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         run_cluster(config, reducer=TorchReducer())
+        open_clustering(open_store(config.store), config.name)  # complete on every rank once run_cluster returns
     finally:
         dist.destroy_process_group()
 
