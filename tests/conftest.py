@@ -73,3 +73,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def metadata_store():
+    """``metadata_store(path, table, clusterings={})``: a complete feature store of a metadata table (the columns
+    of ``metadata.parquet``; features unused) holding the given clusterings (name -> one id array per level)."""
+    import numpy as np
+
+    from dataengine.clustering import ClusteringWriter
+    from dataengine.store import StoreLayout, create_store, write_keys_and_metadata
+
+    def make(path: str, table, clusterings: dict | None = None):
+        layout = StoreLayout(num_rows=table.num_rows, dim=2, dtype="float16", chunk_rows=table.num_rows)
+        store = create_store(path, None, layout, {})
+        store.write_attrs("", {"metadata_columns": write_keys_and_metadata(store, table), "state": "complete",
+                               "complete": True, "num_invalid": 0})
+        for name, levels in (clusterings or {}).items():
+            writer = ClusteringWriter(store, name)
+            for level, ids in enumerate(levels):
+                writer.create_assignments(level, max(1, table.num_rows))
+                writer.write_assignments(level, 0, np.asarray(ids))
+            writer.finish({"config": {"levels": [int(np.max(ids, initial=0)) + 1 for ids in levels]}})
+        return store
+
+    return make

