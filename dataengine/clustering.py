@@ -186,6 +186,11 @@ class Clustering:
         path = _level_path(self.name, level, "sizes")
         return int(self.store.group[path].shape[0]) if self.store.has(path) else None
 
+    @property
+    def has_pca(self) -> bool:
+        """True when the whitening is stored (an assigned clustering keeps the assignments only)."""
+        return self.store.has(layout_path(self.name, "pca_mean"))
+
     def pca(self) -> Any:
         """The :class:`indexes.pca.PCAWhitening` fitted on the rows."""
         from indexes.pca import PCAWhitening

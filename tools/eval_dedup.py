@@ -37,9 +37,8 @@ def build(root: str, args: argparse.Namespace, seed: int) -> None:
                             workers=args.workers))
     run_embed(EmbedConfig(shards=f"{root}/ingest", out=f"{root}/store", model="small", image_size=args.image_size,
                           workers=args.workers, seed=seed))
-    if not os.path.exists(f"{root}/store/clusterings/c/zarr.json"):
-        run_cluster(ClusterConfig(store=f"{root}/store", name="c", seed=seed, pca_dim=args.pca,
-                                  levels=tuple(int(v) for v in args.levels.split(","))))
+    run_cluster(ClusterConfig(store=f"{root}/store", name="c", seed=seed, pca_dim=args.pca,  # done: a no-op
+                              levels=tuple(int(v) for v in args.levels.split(","))))
 
 
 def planted_mask(root: str, keys: list[str]) -> tuple[np.ndarray, dict[int, tuple[int, str]]]:

@@ -24,7 +24,7 @@ class CurateConfig:
     store: str
     """Feature store holding the clustering (local path or fsspec URL)."""
     clustering: str
-    """Name of the clustering in the store (``clusterings/NAME``)."""
+    """Name of the clustering in the store."""
     out: str
     """Output folder for the curated shard set (local path or fsspec URL)."""
     shards: str | None = None

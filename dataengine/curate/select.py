@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import numpy as np
 
+from dataengine.clustering import open_clustering
 from dataengine.curate.config import STATUSES, CurateConfig
 from dataengine.store import FeatureStore
 
@@ -54,15 +56,14 @@ class Selection:
 
 
 class ClusteringArrays:
-    """The arrays of a stored clustering that curation reads (assignments, parents, PCA-whitening)."""
+    """What curation reads of a stored clustering (through :class:`dataengine.clustering.Clustering`), with
+    messages that say which strategy or space needs it."""
 
     def __init__(self, store: FeatureStore, name: str) -> None:
-        from dataengine.cluster import load_clustering
-
-        self.store = store
+        self.clustering = open_clustering(store, name)
         self.name = name
-        self.attrs = load_clustering(store, name)
-        self.num_levels = len(self.attrs["config"]["levels"])
+        self.attrs = self.clustering.attrs
+        self.num_levels = self.clustering.num_levels
 
     def level(self, level: int | None) -> int:
         """``level``, or the finest when ``None``; checked to exist."""
@@ -75,35 +76,27 @@ class ClusteringArrays:
 
     def assignments(self, level: int) -> np.ndarray:
         """``(N,)`` cluster id of every row at ``level`` (-1: no cluster)."""
-        ids = self.store.read_array(f"clusterings/{self.name}/level{level}")
-        if ids.shape != (self.store.num_rows,):
-            raise ValueError(f"clustering {self.name!r} level {level} has {ids.shape[0]} ids for "
-                             f"{self.store.num_rows} rows")
-        return ids.astype(np.int64)
+        return self.clustering.assignments(level).astype(np.int64)
 
     def num_clusters(self, level: int, ids: np.ndarray) -> int:
-        """Clusters at ``level`` (from the recorded sizes; else one past the largest id)."""
-        path = f"clusterings/{self.name}/level{level}_sizes"
-        if self.store.has(path):
-            return int(len(self.store.read_array(path)))
-        return int(ids.max(initial=-1)) + 1
+        """Clusters at ``level`` (as recorded; else one past the largest id)."""
+        recorded = self.clustering.num_clusters(level)
+        return recorded if recorded is not None else int(ids.max(initial=-1)) + 1
 
     def parents(self, level: int) -> np.ndarray:
         """Parent (at ``level - 1``) of every cluster of ``level``."""
-        path = f"clusterings/{self.name}/level{level}_parents"
-        if not self.store.has(path):
+        try:
+            return self.clustering.parents(level).astype(np.int64)
+        except KeyError:
             raise ValueError(f"clustering {self.name!r} stores no parents for level {level} (an assigned "
-                             "clustering keeps ids only); use --strategy balanced")
-        return self.store.read_array(path).astype(np.int64)
+                             "clustering keeps ids only); use --strategy balanced") from None
 
     def whitening(self) -> Callable[[np.ndarray], np.ndarray]:
         """The clustering's PCA-whitening as a function of feature rows."""
-        from dataengine.cluster import _pca
-
-        if not self.store.has(f"clusterings/{self.name}/pca_mean"):
+        if not self.clustering.has_pca:
             raise ValueError(f"clustering {self.name!r} stores no PCA-whitening (an assigned clustering keeps ids "
                              "only); use --dedup-space features")
-        return _pca(self.store, self.name).apply
+        return self.clustering.pca().apply
 
 
 def check_inputs(store: FeatureStore, config: CurateConfig) -> None:

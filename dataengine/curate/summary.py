@@ -26,18 +26,11 @@ def compare_subsets(store: FeatureStore, selection: Selection, seed: int = 0) ->
         ``{"level", "num_clusters", "sizes": {"original", "curated"}, "nmi": {"original": {kind: ...},
         "curated": {kind: ...}}}`` (JSON-ready; NaN figures are ``None``).
     """
-    from dataengine.metrics import ClusteringEvaluator
-    from dataengine.metrics.store_labels import StoreLabels, row_blocks
+    from dataengine.metrics.store import StoreLabels, evaluate_store, row_blocks
 
-    labels = StoreLabels(store)
     blocks = row_blocks(store.num_rows, max(store.features.chunks[0], 1 << 16))
-    labels.count_tags(blocks)
-    evaluator = ClusteringEvaluator(["original", "curated"], labels.kinds)
-    kept = selection.status == SELECTED
-    for start, end in blocks:
-        clusters = selection.cluster[start:end]
-        evaluator.update({"original": clusters, "curated": np.where(kept[start:end], clusters, -1)},
-                         labels.block(start, end))
+    kept = np.where(selection.status == SELECTED, selection.cluster, -1)
+    evaluator = evaluate_store(StoreLabels(store), {"original": selection.cluster, "curated": kept}, blocks)
     nmi = evaluator.nmi(chance_seed=seed)
     return {
         "level": selection.level,

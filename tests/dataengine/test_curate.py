@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dataengine.cluster import ClusterConfig, run_cluster
+from dataengine.clustering import open_clustering
 from dataengine.curate import (
     STATUSES, CurateConfig, choose_threshold, clustering_similarities, dedup_scores, run_curate,
 )
@@ -59,7 +60,7 @@ def ledger_of(out) -> list[dict]:
 
 
 def leaf_ids(corpus) -> np.ndarray:
-    return open_store(corpus["store"]).read_array("clusterings/c/level1").astype(np.int64)
+    return open_clustering(open_store(corpus["store"]), "c").assignments(1).astype(np.int64)
 
 
 def kept_per_cluster(ledger: list[dict], num_clusters: int) -> np.ndarray:
@@ -90,7 +91,7 @@ def test_hierarchical_is_balanced_at_both_levels(corpus, tmp_path):
     curate(corpus, tmp_path / "out", strategy="hierarchical", total=90, seed=2)
     ledger = ledger_of(tmp_path / "out")
     store = open_store(corpus["store"])
-    parents = store.read_array("clusterings/c/level1_parents")
+    parents = open_clustering(store, "c").parents(1)
     leaf_sizes = np.bincount(leaf_ids(corpus), minlength=12)
     kept = kept_per_cluster(ledger, 12)
     top_kept = np.bincount(parents, weights=kept, minlength=3)
