@@ -141,11 +141,11 @@ def _finished(store: FeatureStore, config: ClusterConfig) -> ClusterResult | Non
     if not attrs or not attrs.get("complete") or config.overwrite:
         return None
     recorded, wanted = _output_config(attrs.get("config", {})), _output_config(config)
-    if recorded != wanted or "summary" not in attrs:
+    if recorded != wanted or attrs.get("assigned_from"):
         differing = sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
+        what = ", ".join(differing) if differing else "origin: its rows were assigned with another store's clustering"
         raise OutputExistsError(f"clustering {config.name!r} already exists in {store.url} with another "
-                                f"configuration (differs in {', '.join(differing) or 'its origin'}); use --overwrite "
-                                "or another --name")
+                                f"configuration (differs in {what}); use --overwrite or another --name")
     logger.info("clustering %r in %s is already complete with this configuration; nothing to do",
                 config.name, store.url)
     return ClusterResult(**dict(attrs["summary"], seconds=0.0, already_complete=True))

@@ -98,10 +98,15 @@ def spreadsheet_safe(value: Any) -> Any:
 
 def _clusters_csv(profiles: ClusterProfiles, labels: StoreLabels) -> bytes:
     """One line per cluster: id, size, flags, then purity, dominant value (empty when no row has that
-    metadata) and labelled rows per kind; text cells pass through :func:`spreadsheet_safe`."""
+    metadata) and labelled rows per kind; text cells pass through :func:`spreadsheet_safe`.
+
+    Lines end with CRLF (RFC 4180): Python's csv module quotes a value holding a line-end character only when
+    that character is part of the line terminator, and a bare CR inside a metadata value would otherwise split
+    its row in two for readers.
+    """
     kinds = list(profiles.purity)
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
+    writer = csv.writer(text, lineterminator="\r\n")
     writer.writerow(["cluster", "size", "landmark", "single_user", "device"]
                     + [f"{kind}_{column}" for kind in kinds for column in ("purity", "dominant", "labelled")])
     for index, cluster in enumerate(profiles.cluster_ids.tolist()):

