@@ -42,6 +42,9 @@ class ThreadRanks:
             ranks._barrier.wait()  # nobody overwrites a slot before every rank has summed
             return total
 
+        def barrier(self) -> None:
+            self._ranks._barrier.wait()
+
 
 def brute_force(labels: np.ndarray, wanted: np.ndarray, seed: int) -> list[np.ndarray]:
     """Per group, its ``wanted[g]`` global rows of smallest key, in increasing order."""
