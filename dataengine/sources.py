@@ -82,8 +82,16 @@ class Fetched:
 
 
 def folder_key(relative_path: str) -> str:
-    """Stable 16-hex key of an image inside a folder or tar (keys must not contain dots)."""
-    return hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:16]
+    """Stable 16-hex key of an image inside a folder or tar (keys must not contain dots).
+
+    Hashes the name's bytes: a file name that is not UTF-8 (held as surrogate escapes) gets a key too.
+    """
+    return hashlib.sha1(relative_path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def printable_name(path: str) -> str:
+    """``path`` as valid Unicode for metadata and ledgers: name bytes that are not UTF-8 become U+FFFD."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def label_of(relative_path: str) -> str | None:
@@ -271,7 +279,8 @@ class Fetcher:
             return _webdataset_sample(row)
         if row.line is None:
             relative = row.path.replace(os.sep, "/")
-            metadata = {"label": label_of(relative), "source": relative}
+            shown = printable_name(relative)
+            metadata = {"label": label_of(shown), "source": shown}
             if row.error:
                 return Fetched(folder_key(relative), metadata, status="corrupt", error=row.error)
             return Fetched(folder_key(relative), metadata, data=row.data)
@@ -323,13 +332,14 @@ class Fetcher:
                 refused.append(f"{name} ({exc})")
                 corrupt = corrupt or (f"{name}: {exc}" if exc.status == "corrupt" else None)
                 continue
-            item.metadata["source"] = name
+            if row.line is not None:  # a folder row's source is already its (printable) path
+                item.metadata["source"] = name
             return
         tried = f"tried {', '.join(names) or 'no usable name'}" + (f"; refused {', '.join(refused)}" if refused else "")
         if corrupt:
-            item.status, item.error = "corrupt", corrupt
+            item.status, item.error = "corrupt", printable_name(corrupt)
         else:
-            item.status, item.error = "missing", f"not found under {self.images_url}: {tried}"
+            item.status, item.error = "missing", printable_name(f"not found under {self.images_url}: {tried}")
 
     def _read_file(self, name: str) -> bytes:
         """The bytes of ``name`` under the images root.
@@ -348,18 +358,22 @@ class Fetcher:
             fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
             raise _file_error(exc) from None
-        with open(fd, "rb", buffering=0) as handle:
-            info = os.fstat(fd)
+        try:
+            info = os.fstat(fd)  # before any file object: one over a folder's descriptor cannot even be made
             if not stat.S_ISREG(info.st_mode):
                 if stat.S_ISDIR(info.st_mode):
                     raise FileNotFoundError(real)  # a folder named like the photo: not a candidate
                 raise _Unusable("corrupt", f"not a regular file (mode {stat.filemode(info.st_mode)})")
             if info.st_size > MAX_FILE_BYTES:
                 raise _Unusable("corrupt", _too_large(info.st_size))
-            try:
+            with open(fd, "rb", buffering=0, closefd=False) as handle:
                 return handle.read()
-            except OSError as exc:
-                raise _file_error(exc) from None
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise _file_error(exc) from None
+        finally:
+            os.close(fd)
 
     def _read_remote(self, name: str) -> bytes:
         path = self._fs.sep.join([self._root.rstrip(self._fs.sep), name])

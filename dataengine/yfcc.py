@@ -173,7 +173,7 @@ def _fields(line: bytes | str) -> list[str] | BadLine:
     if len(line) > MAX_LINE_BYTES:
         return BadLine(f"line longer than {MAX_LINE_BYTES} bytes")
     text = line.decode("utf-8", errors="replace") if isinstance(line, (bytes, bytearray)) else line
-    text = text.rstrip("\r\n")
+    text = text.rstrip("\r\n").removeprefix("\ufeff")  # a byte-order mark opens some exported files
     parts = text.split("\t")
     if len(parts) not in (len(FIELDS_25), len(FIELDS_23)):
         return BadLine(f"expected {len(FIELDS_25)} or {len(FIELDS_23)} tab-separated fields, got {len(parts)}")

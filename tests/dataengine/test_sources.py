@@ -151,3 +151,27 @@ def test_an_over_long_metadata_line_is_one_bad_row_and_is_never_held_whole(tmp_p
     items = _fetch_yfcc(tmp_path, *lines)
     assert items[1].status == "bad_metadata" and "longer than" in items[1].error
     assert [i.key for i in items] == ["1", None, "2"]
+
+
+def test_a_folder_named_like_the_photo_is_skipped_without_leaking_a_descriptor(tmp_path):
+    root = tmp_path / "root"
+    (root / "3.d").mkdir(parents=True)
+    (root / "3.jpg").write_bytes(_jpeg(3))
+    before = len(os.listdir("/proc/self/fd"))
+    items = _fetch_yfcc(root, *[_line(3, extension_original="d")] * 50)
+    assert [i.status for i in items] == ["ok"] * 50 and items[0].metadata["source"] == "3.jpg"
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_file_names_that_are_not_utf8_are_rows_like_any_other(tmp_path):
+    """A file named with bytes that are not UTF-8 used to stop the run (the key and ledger could not encode it)."""
+    root = tmp_path / "imgs"
+    (root / "cls").mkdir(parents=True)
+    (root / "cls" / "ok.jpg").write_bytes(_jpeg(1))
+    with open(os.path.join(os.fsencode(root), b"cls", b"\xff\xfe.jpg"), "wb") as handle:
+        handle.write(_jpeg(2))
+    os.mkfifo(os.path.join(os.fsencode(root), b"cls", b"\xfd.jpg"))
+    result = run_ingest(IngestConfig(images=str(root), out=str(tmp_path / "out"), workers=0))
+    assert result.counts["ok"] == 2 and result.counts["corrupt"] == 1
+    ledger = (tmp_path / "out" / "ledger.jsonl").read_text(encoding="utf-8")
+    assert "cls/\ufffd.jpg: not a regular file" in ledger
