@@ -260,6 +260,14 @@ def test_img2dataset_layout_through_embed_cluster_report_and_train(tmp_path):
     written = json.loads((tmp_path / "report" / "report.json").read_text())
     assert written["thumbnail_failures"] == [] and written["selected"]
     assert "data:image/jpeg;base64" in (tmp_path / "report" / "index.html").read_text()  # photo grids drawn
+    # an export carries img2dataset's columns beside the cluster ids
+    from dataengine.export import ExportConfig, run_export
+
+    run_export(ExportConfig(store=store, out=str(tmp_path / "x.parquet"), clusterings=("k2",), source_metadata=True))
+    exported = pq.read_table(tmp_path / "x.parquet").to_pylist()
+    assert [(r["key"], r["caption"], r["url"]) for r in exported] == [(m["key"], m["caption"], m["url"])
+                                                                      for m in metadata]
+    assert [r["level0"] for r in exported] == open_store(store).group["clusterings/k2/level0"][:].tolist()
     # train streams the same shards named by a brace pattern
     pattern = str(tmp_path / "i2d" / "{00000..00001}.tar")
     train = CliRunner().invoke(app, ["--quiet", "train", pattern, "--out", str(tmp_path / "run"), "--mode", "rotnet",
