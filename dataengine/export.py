@@ -139,24 +139,24 @@ def run_export(config: ExportConfig, progress: Callable[[int], None] | None = No
 
 @dataclass
 class _Plan:
-    levels: list[tuple[str, str]]
-    """``(column name, store path)`` of every assignment array."""
+    levels: list[tuple[str, Any]]
+    """``(column name, zarr array)`` of every assignment array."""
     block_rows: int
     metadata: dict[str, Any]
     source_metadata_url: str | None = None
 
 
 def _plan(config: ExportConfig, store: FeatureStore) -> _Plan:
-    from dataengine.cluster import load_clustering
-    from dataengine.report.clusterings import clustering_levels
+    from dataengine.clustering import open_clustering
 
     attrs = store.attrs
     levels, clusterings = [], {}
     for name in config.clusterings:
-        clusterings[name] = load_clustering(store, name).get("config", {})
-        for level in clustering_levels(store, name):
+        clustering = open_clustering(store, name)
+        clusterings[name] = clustering.config
+        for level in clustering.levels:
             column = f"level{level}" if len(config.clusterings) == 1 else f"{name}_level{level}"
-            levels.append((column, f"clusterings/{name}/level{level}"))
+            levels.append((column, clustering.assignment_array(level)))
     metadata = {"format": FORMAT, "version": VERSION, "config": config.recorded(), "num_rows": store.num_rows,
                 "store": {"url": config.store, "source": attrs.get("source"), "model": attrs.get("model"),
                           "config": attrs.get("config")}, "clusterings": clusterings}
@@ -264,9 +264,10 @@ class _StoreColumns:
                       for name, kind in self.kinds.items() if kind in ("categorical", "ragged")}
         self._windows: dict[str, _Window] = {}
 
-    def _read(self, path: str, start: int, end: int) -> np.ndarray:
+    def _read(self, path: str, start: int, end: int, array: Any = None) -> np.ndarray:
+        """Rows ``[start, end)`` of the array at ``path`` in the store (or of ``array``, named ``path``)."""
         if path not in self._windows:
-            self._windows[path] = _Window(self.store.group[path])
+            self._windows[path] = _Window(self.store.group[path] if array is None else array)
         return self._windows[path].read(start, end)
 
     def block(self, start: int, end: int, source: Any | None) -> Any:
@@ -284,8 +285,8 @@ class _StoreColumns:
             for name in source.schema.names:
                 if name != "key":
                     arrays[name] = source.column(name)
-        for column, path in self.plan.levels:
-            ids = np.asarray(self._read(path, start, end), dtype=np.int32)
+        for column, array in self.plan.levels:
+            ids = np.asarray(self._read(f"level column {column}", start, end, array), dtype=np.int32)
             arrays[column] = pa.array(ids, mask=ids < 0)
         if self.features:
             block = np.ascontiguousarray(self.store.features[start:end], dtype=np.float32)
