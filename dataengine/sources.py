@@ -141,17 +141,22 @@ def check_inputs(yfcc_url: str | None, images_url: str | None, download: bool,
     """
     if yfcc_url:
         _check_kind(yfcc_url, "file", "metadata file", storage_options)
-        try:
-            with open_input(yfcc_url, storage_options) as handle:
-                handle.read(1)
-        except Exception as exc:  # the first bytes tell a wrong compression; anything else propagates
-            if is_decompression_error(exc):
-                raise InputCorruptError(f"metadata file {yfcc_url}: {type(exc).__name__}: {exc}") from exc
-            raise
+        if is_remote(yfcc_url) or os.path.isfile(_local_path(yfcc_url)):  # not a pipe: a probe would eat its bytes
+            _probe_compression(yfcc_url, storage_options)
     if images_url and not download:
         tar = not yfcc_url and _is_tar(images_url)
         _check_kind(images_url, "file" if tar else "folder", "images tar" if tar else "images folder",
                     storage_options)
+
+
+def _probe_compression(url: str, storage_options: dict[str, Any]) -> None:
+    try:
+        with open_input(url, storage_options) as handle:
+            handle.read(1)
+    except Exception as exc:  # the first bytes tell a wrong compression; anything else propagates
+        if is_decompression_error(exc):
+            raise InputCorruptError(f"metadata file {url}: {type(exc).__name__}: {exc}") from exc
+        raise
 
 
 def _check_kind(url: str, kind: str, what: str, storage_options: dict[str, Any]) -> None:
@@ -189,19 +194,21 @@ def _iter_folder_rows(root_url: str, storage_options: dict[str, Any]) -> Iterato
 def _iter_tar_rows(tar_url: str, storage_options: dict[str, Any]) -> Iterator[Row]:
     from dataengine.foreign_shards import webdataset_tar_samples
 
-    samples = webdataset_tar_samples(tar_url, storage_options, MAX_FILE_BYTES)
+    # Telling a webdataset tar apart reads its start a second time: a pipe, read once, is a plain tar of images.
+    rereadable = is_remote(tar_url) or os.path.isfile(_local_path(tar_url))
+    samples = webdataset_tar_samples(tar_url, storage_options, MAX_FILE_BYTES) if rereadable else None
     if samples is not None:
         for index, sample in enumerate(samples):
             yield Row(index, path=sample.image, data=sample.data, offset=sample.offset, size=max(sample.size, 0),
                       error=sample.error, key=sample.key, sidecars=sample.sidecars)
         return
-    if not is_remote(tar_url) and tar_url.lower().endswith(".tar"):
-        # A local uncompressed tar: only headers are read here; workers read member bytes by offset.
+    if not is_remote(tar_url) and tar_url.lower().endswith(".tar") and os.path.isfile(_local_path(tar_url)):
+        # A local uncompressed tar file: only headers are read here; workers read member bytes by offset.
         members = ((n, o, s) for n, o, s in scan_tar(_local_path(tar_url)) if is_image_name(n))
         for index, (name, offset, size) in enumerate(members):
             yield Row(index, path=name, offset=offset, size=size, error=_too_large(size))
         return
-    # Compressed or remote: one front-to-back read of the stream (members kept in memory, one at a time).
+    # Compressed, remote or a pipe: one front-to-back read of the stream (members in memory one at a time).
     with open_input(tar_url, storage_options) as stream:
         index = 0
         for name, data in iter_members(stream, max_bytes=MAX_FILE_BYTES):

@@ -65,7 +65,8 @@ class IngestConfig:
             raise ValueError("yfcc metadata needs images=ROOT or download=True")
         if self.download and not self.yfcc:
             raise ValueError("download=True needs yfcc metadata with download URLs")
-        for name in ("shard_size", "image_size", "num_nodes", "split_rows", "block_rows", "download_threads"):
+        for name in ("shard_size", "image_size", "num_nodes", "split_rows", "block_rows", "download_threads",
+                     "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.quality <= 100:

@@ -36,9 +36,14 @@ from dataengine.tario import iter_members, scan_tar, ustar_header
 
 
 def runs(ci: int, slow: int) -> pytest.MarkDecorator:
-    """Parametrize a fuzz test over a CI profile (``ci`` derandomized cases) and a slow one (``slow`` cases)."""
-    return pytest.mark.parametrize("examples", [pytest.param(ci, id=f"ci-{ci}"),
-                                                pytest.param(slow, id=f"slow-{slow}", marks=pytest.mark.slow)])
+    """Parametrize a fuzz test over a CI profile (``ci`` derandomized cases) and a slow one (``slow`` cases).
+
+    The timeouts catch a hang (a case that never ends), with room for a busy machine.
+    """
+    return pytest.mark.parametrize("examples", [
+        pytest.param(ci, id=f"ci-{ci}", marks=pytest.mark.timeout(600)),
+        pytest.param(slow, id=f"slow-{slow}", marks=[pytest.mark.slow, pytest.mark.timeout(7200)]),
+    ])
 
 
 def fuzz(examples: int, check) -> None:
@@ -88,7 +93,6 @@ def yfcc_line(r: random.Random) -> bytes | str:
 
 
 @runs(ci=2000, slow=100_000)
-@pytest.mark.timeout(300)
 def test_fuzz_yfcc_parser(examples):
     fetcher = Fetcher("/nonexistent-root", download=False, storage_options={})
 
@@ -180,7 +184,6 @@ def tar_bytes(r: random.Random) -> bytes:
 
 
 @runs(ci=1500, slow=50_000)
-@pytest.mark.timeout(300)
 def test_fuzz_tar_readers(examples):
     folder = tempfile.mkdtemp(prefix="fuzz-tar-")
     path = os.path.join(folder, "t.tar")
@@ -277,7 +280,6 @@ def image_bytes(r: random.Random) -> bytes:
 
 
 @runs(ci=1500, slow=40_000)
-@pytest.mark.timeout(600)
 def test_fuzz_image_decoding(examples):
     @given(st.randoms(use_true_random=True))
     def check(r):
@@ -331,7 +333,6 @@ def metadata_rows(r: random.Random) -> list[bytes]:
 
 
 @runs(ci=1500, slow=30_000)
-@pytest.mark.timeout(300)
 def test_fuzz_every_row_gets_one_status_and_nothing_outside_the_root_is_read(examples):
     root = _hostile_root()
     fetcher = Fetcher(root, download=False, storage_options={})

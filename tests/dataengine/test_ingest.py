@@ -536,3 +536,36 @@ def test_a_failed_command_does_not_make_the_corrected_one_refuse_the_output(tmp_
     with pytest.raises(InputUnusableError):
         run_ingest(IngestConfig(images=str(tmp_path / "typo.tar"), out=out, workers=0, overwrite=True))
     assert ingest_files(out) == before
+
+
+@pytest.mark.timeout(60)
+def test_metadata_from_a_pipe_is_read_from_its_first_byte(tmp_path):
+    """``--yfcc <(zcat meta.gz)`` gives a pipe: checking the input must not consume any of it."""
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(_jpeg(i))
+    fifo = tmp_path / "meta.pipe"
+    os.mkfifo(fifo)
+    text = "\n".join(yfcc_line(i, i) for i in range(3)) + "\n"
+    writer = threading.Thread(target=lambda: fifo.write_text(text), daemon=True)
+    writer.start()
+    result = run_ingest(IngestConfig(yfcc=str(fifo), images=str(tmp_path / "img"), out=str(tmp_path / "out"),
+                                     workers=0))
+    writer.join(timeout=10)
+    assert result.counts["ok"] == 3 and result.counts["bad_metadata"] == 0, result.counts
+
+
+@pytest.mark.timeout(60)
+def test_an_images_tar_from_a_pipe_is_streamed(tmp_path):
+    make_folder(tmp_path / "imgs" / "train", num_per_class=2)
+    with tarfile.open(tmp_path / "imgs.tar", "w") as archive:
+        archive.add(tmp_path / "imgs" / "train", arcname="train")
+    fifo = tmp_path / "pipe.tar"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes((tmp_path / "imgs.tar").read_bytes()), daemon=True)
+    writer.start()
+    result = run_ingest(IngestConfig(images=str(fifo), out=str(tmp_path / "out"), workers=0))
+    writer.join(timeout=10)
+    reference = run_ingest(IngestConfig(images=str(tmp_path / "imgs.tar"), out=str(tmp_path / "ref"), workers=0))
+    assert result.counts == reference.counts and result.counts["ok"] == 6
+    assert read_back(str(tmp_path / "out")) == read_back(str(tmp_path / "ref"))
