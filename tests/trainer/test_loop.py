@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,15 +45,99 @@ def test_deepercluster_logs_metrics_and_writes_an_embeddable_checkpoint(shards, 
     load_checkpoint(result.checkpoint)  # what `dataengine embed --checkpoint RUN` reads
 
 
+TIMING_FIELDS = {"samples_per_second"}
+FIELDS = {"epoch", "loss", "steps", *TIMING_FIELDS}
+MODE_FIELDS = {"rotnet": {"rotation_acc"}, "deepcluster": {"cluster_acc", "clustering", "clustering_name"},
+               "clusterfit": {"cluster_acc", "clustering", "clustering_name"},
+               "deepercluster": {"loss_super", "loss_sub", "super_acc", "sub_acc", "rotation_acc", "cluster_acc",
+                                 "clustering", "clustering_name"}}
+
+
 @pytest.mark.parametrize("mode, levels", [("rotnet", (2, 3)), ("deepcluster", (5,)), ("clusterfit", (5,))])
-def test_other_modes_train(shards, tmp_path, mode, levels):
+def test_other_modes_log_their_fields_and_checkpoint_their_head(shards, tmp_path, mode, levels):
+    from dataengine.models import load_checkpoint, weights_digest
+    from dataengine.store import open_store
+
     init = None
     if mode == "clusterfit":
         init = run_train(_config(shards, tmp_path / "rot", mode="rotnet", epochs=1)).checkpoint
     result = run_train(_config(shards, tmp_path / mode, mode=mode, levels=levels, epochs=1, features_from=init))
-    record = json.loads((tmp_path / mode / "metrics.jsonl").read_text().splitlines()[-1])
-    assert result.steps > 0 and record["steps"] > 0
-    assert ("rotation_acc" in record) == (mode == "rotnet") and ("clustering" in record) == (mode != "rotnet")
+    (record,) = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    assert set(record) == FIELDS | MODE_FIELDS[mode]
+    assert record["epoch"] == 0 and record["steps"] == result.steps > 0 and record["loss"] > 0
+    assert all(0.0 <= record[key] <= 1.0 for key in record if key.endswith("_acc"))
+
+    state = torch.load(result.checkpoint, weights_only=True)
+    assert (state["mode"], state["epoch"], state["step"], state["total_steps"]) == (mode, 1, 0, result.steps)
+    outputs = 4 if mode == "rotnet" else levels[0]  # rotations, or the flat clusters
+    assert {k: tuple(v.shape) for k, v in state["head"].items()} == {"classifier.weight": (outputs, 256),
+                                                                     "classifier.bias": (outputs,)}
+    # SGD with momentum: a momentum buffer for every trained parameter (the Sobel layer's are fixed) and the head.
+    from trainer.network import Network
+
+    trained = sum(p.requires_grad for p in Network(_config(shards, tmp_path, mode=mode, levels=levels,
+                                                           features_from=init)).backbone.parameters()) + 2
+    momentum = state["optimizer"]["state"]
+    assert len(momentum) == trained and all("momentum_buffer" in entry for entry in momentum.values())
+    assert state["clustering"] == ("" if mode == "rotnet" else "epoch000") and state["previous_clustering"] == ""
+    if mode == "rotnet":
+        assert not (tmp_path / mode / "features").exists()
+        return
+    assert record["clustering_name"] == "epoch000" and record["clustering"]["num_clusters"] == levels[0]
+    assert set(record["clustering"]["nmi"]) == {"user", "device", "gps", "hashtag"}
+    store = open_store(str(tmp_path / mode / "features" / "epoch000"))
+    embedded_with = store.attrs["model"]["checkpoint"]["weights_sha256"]
+    if mode == "clusterfit":  # the features of the given network, not of the one being trained
+        assert embedded_with == weights_digest(load_checkpoint(init))
+        assert not list((tmp_path / mode).glob("backbone-*.pt"))
+    else:
+        assert embedded_with == weights_digest(load_checkpoint(str(tmp_path / mode / "backbone-epoch000.pt")))
+
+
+def _planted_batch(n: int = 16, size: int = 32) -> tuple[torch.Tensor, np.ndarray]:
+    """Images whose class (``i % 4``) is the colour of their bottom-right quarter and whose orientation shows in
+    a bright top-left corner: an easy task every mode can learn to perfection on one batch."""
+    generator = torch.Generator().manual_seed(0)
+    classes = torch.arange(n) % 4
+    images = torch.randint(0, 40, (n, 3, size, size), generator=generator, dtype=torch.uint8)
+    images[:, :, :size // 4, :size // 4] = 255
+    colours = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], dtype=torch.uint8)
+    images[:, :, size // 2:, size // 2:] = colours[classes].view(n, 3, 1, 1)
+    return images, classes.numpy()
+
+
+@pytest.mark.parametrize("mode, levels", [("rotnet", (2, 3)), ("deepcluster", (4,)), ("deepercluster", (2, 4)),
+                                          ("clusterfit", (4,))])
+def test_every_mode_learns_a_planted_task(mode, levels, one_torch_thread):
+    """The loss of each mode, through the trainer's network, head and optimizer settings, goes to ~0 on one batch
+    with planted targets (rotations drawn anew at every step), and every accuracy it reports reaches 1."""
+    from trainer.labels import Labels
+    from trainer.network import Network, new_head
+    from trainer.step import step_loss
+
+    config = _config("-", "-", mode=mode, levels=levels, sobel=False, features_from="x")
+    images, classes = _planted_batch()
+    if mode == "deepercluster":  # 2 parents of 2 children each; leaf = class
+        labels = Labels("planted", classes, classes % 2, classes // 2, np.array([2, 2]), 4)
+    else:
+        labels = Labels("planted", classes, classes, np.zeros_like(classes), np.zeros(0, np.int64), 4)
+    network = Network(config)
+    if mode != "rotnet":
+        network.head = new_head(config, network.feature_dim, labels, 0)
+    optim = config.optim
+    optimizer = torch.optim.SGD(network.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                weight_decay=optim.weight_decay)
+    network.train()
+    losses = []
+    for step in range(20):
+        loss, stats = step_loss(config, network, labels, images, torch.arange(len(images)), 0, 0, step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.1 * losses[0], losses
+    assert {key: float(value) for key, value in stats.items() if key.endswith("_acc")} == {
+        key: 1.0 for key in MODE_FIELDS[mode] if key.endswith("_acc")}
 
 
 def test_bad_configs_are_refused(shards, tmp_path):
@@ -140,20 +225,77 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(shards, tmp_path)
 def _rank_main(rank: int, world_size: int, port: int, config: TrainConfig) -> None:
     import torch.distributed as dist
 
+    from trainer.loop import Trainer
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        run_train(config)
+        trainer = Trainer(config)
+        trainer.run()
+        torch.save(dict(trainer.network.named_parameters()), os.path.join(config.out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_train_in_step(shards, tmp_path, free_port):
-    config = _config(shards, tmp_path / "ddp", epochs=1)
+def _data_parallel_reference(config: TrainConfig, world_size: int) -> tuple[dict[str, torch.Tensor], ...]:
+    """Epoch 0 of ``config`` over ``world_size`` ranks computed in one process: the network and head as the
+    trainer initialises them, the run's own clustering, every rank's batch of every step, the gradients of the
+    ranks averaged before each SGD step. Returns the parameters before and after."""
+    from dataengine.shards import load_shard_set
+    from trainer.augment import CropConfig
+    from trainer.data import EpochPlan
+    from trainer.network import Network, new_head
+    from trainer.recluster import Reclusterer
+    from trainer.step import epoch_loader, step_loss
+
+    labels = Reclusterer(config, 0, lambda _name: None).labels_of("epoch000")
+    network = Network(config)
+    network.head = new_head(config, network.feature_dim, labels, 0)
+    optim = config.optim
+    optimizer = torch.optim.SGD(network.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                weight_decay=optim.weight_decay)
+    shard_set, crop = load_shard_set(config.data.shards), CropConfig(size=config.data.image_size,
+                                                                     scale=config.data.crop_scale)
+    loaders, steps = zip(*(epoch_loader(config, shard_set, labels, crop, EpochPlan(epoch=0, rank=rank,
+                                                                                   world_size=world_size))
+                           for rank in range(world_size)))
+    initial = {name: parameter.detach().clone() for name, parameter in network.named_parameters()}
+    trained = [parameter for parameter in network.parameters() if parameter.requires_grad]
+    network.train()
+    for step, batches in zip(range(min(steps)), zip(*loaders)):
+        grads = []
+        for rank, (images, rows) in enumerate(batches):
+            optimizer.zero_grad(set_to_none=False)
+            step_loss(config, network, labels, images, rows, 0, rank, step)[0].backward()
+            # A sub-head no row of a rank's batch uses contributes zeros; the fixed Sobel layer has no gradient.
+            grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in trained])
+        for parameter, *per_rank in zip(trained, *grads):
+            parameter.grad = sum(per_rank) / world_size
+        optimizer.step()
+    return initial, {name: parameter.detach() for name, parameter in network.named_parameters()}
+
+
+def test_two_gloo_ranks_hold_the_weights_of_a_data_parallel_reference(shards, tmp_path, free_port,
+                                                                     one_torch_thread):
+    config = _config(shards, tmp_path / "ddp", epochs=1, samples_per_epoch=320)
     torch.multiprocessing.spawn(_rank_main, args=(2, free_port, config), nprocs=2, join=True)
-    record = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["steps"] > 0 and "clustering" in record
-    assert torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    (record,) = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert record["steps"] >= 4 and record["clustering_name"] == "epoch000"
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    initial, reference = _data_parallel_reference(config, 2)
+    assert ranks[0].keys() == ranks[1].keys() == reference.keys()
+    for name, expected in reference.items():
+        # Parameters only: BatchNorm running statistics are each rank's own (the checkpoint keeps rank 0's).
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    moved = {name for name in reference if not torch.equal(reference[name], initial[name])}
+    assert moved == {name for name, p in ranks[0].items() if p.requires_grad}, "every trained parameter moves"
+    for name in set(reference) - moved:  # the fixed Sobel layer stays fixed on every rank
+        assert torch.equal(ranks[0][name], initial[name]) and torch.equal(ranks[1][name], initial[name]), name
+    checkpoint = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    for name, tensor in ranks[0].items():
+        part, key = name.split(".", 1)
+        assert torch.equal(checkpoint[part][key], tensor), name
 
 
 def _flat_v1(config: TrainConfig) -> str:
