@@ -66,6 +66,7 @@ class Row:
     error: str | None = None  # why the row is unusable before any fetching (too long a line, too big a member)
     key: str | None = None  # a webdataset sample's key (kept as the ingest key)
     sidecars: tuple[tuple[str, bytes], ...] = ()  # a webdataset sample's other members: (extension, bytes)
+    member_file: str | None = None  # local file holding the bytes at ``offset`` (None: the images tar itself)
 
 
 @dataclass
@@ -259,7 +260,7 @@ class Fetcher:
         self._fs = None
         self._root = ""
         self._local_root: str | None = None  # the real path of a local images root
-        self._tar_fd: int | None = None
+        self._member_fds: dict[str, int] = {}  # local files read by offset (the images tar, a spool file)
         if images_url and not (download or _is_tar(images_url)):
             if is_remote(images_url):
                 self._fs, self._root = url_to_fs(images_url, storage_options)
@@ -320,9 +321,10 @@ class Fetcher:
         return [name for name in names if not _plain_name_problem(name)], refused
 
     def _read_tar_member(self, row: Row, item: Fetched) -> None:
-        if self._tar_fd is None:
-            self._tar_fd = os.open(_local_path(self.images_url), os.O_RDONLY | os.O_CLOEXEC)
-        item.data = os.pread(self._tar_fd, row.size, row.offset)
+        path = row.member_file or _local_path(self.images_url)
+        if path not in self._member_fds:
+            self._member_fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        item.data = os.pread(self._member_fds[path], row.size, row.offset)
 
     def _read_local(self, row: Row, item: Fetched) -> None:
         if row.line is None:  # a listed file of an image folder

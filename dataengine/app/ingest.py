@@ -30,6 +30,10 @@ def ingest(
     quality: int = typer.Option(90, "--quality", help="JPEG quality of stored images."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: all cores)."),
     keep_duplicates: bool = typer.Option(False, "--keep-duplicates", help="Keep exact duplicate images."),
+    shuffle: Optional[bool] = typer.Option(None, "--shuffle/--no-shuffle",
+                                           help="Write the rows in a seeded permutation (default: yes for an "
+                                           "image folder or tar, no for --yfcc metadata)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --shuffle permutation."),
     num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="Nodes splitting the input (default: WORLD_SIZE or 1)."),
     node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This node's rank (default: RANK or 0)."),
     merge_only: bool = typer.Option(False, "--merge", help="Only merge finished node parts into the manifest."),
@@ -61,7 +65,8 @@ def ingest(
         config = IngestConfig(
             out=out, yfcc=yfcc, images=images, download=download, shard_size=shard_size, image_size=image_size,
             quality=quality, workers=(os.cpu_count() or 1) if workers is None else workers,
-            keep_duplicates=keep_duplicates, num_nodes=nodes, node_rank=rank, download_threads=download_threads,
+            keep_duplicates=keep_duplicates, shuffle=shuffle, seed=seed, num_nodes=nodes, node_rank=rank,
+            download_threads=download_threads,
             download_timeout=download_timeout, download_retries=download_retries, storage_options=options,
             overwrite=overwrite,
         )

@@ -13,6 +13,8 @@ STATUSES = ("ok", "missing", "corrupt", "duplicate", "video", "bad_metadata", "d
 # Only these fields change what is written; the others (workers, credentials...) may differ on resume.
 _OUTPUT_FIELDS = ("yfcc", "images", "download", "shard_size", "image_size", "quality", "keep_duplicates",
                   "max_pixels", "num_nodes", "split_rows")
+UNSHUFFLED = {"shuffle": False, "seed": 0}
+"""The order fields of an ingest recorded before they existed: input order."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +39,12 @@ class IngestConfig:
     """Worker processes decoding images; 0 runs everything in the main process."""
     keep_duplicates: bool = False
     """Keep exact duplicates (same sha256 of the original bytes) instead of dropping them."""
+    shuffle: bool | None = None
+    """Write the rows in a seeded permutation of the input order (``None``: yes for an image folder or tar,
+    which is usually sorted by class; no for YFCC metadata, whose lines are not, and whose permutation holds
+    every line in memory). See :mod:`dataengine.ingest.order`."""
+    seed: int = 0
+    """Seed of the permutation (``shuffle``)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels are rejected as decompression bombs."""
     num_nodes: int = 1
@@ -79,10 +87,19 @@ class IngestConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not 0 <= self.node_rank < self.num_nodes:
             raise ValueError(f"node_rank must be in [0, {self.num_nodes}), got {self.node_rank}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def shuffled(self) -> bool:
+        """Whether the rows are written permuted (``shuffle`` resolved: folder/tar inputs by default)."""
+        return (not self.yfcc) if self.shuffle is None else self.shuffle
 
     def output_config(self) -> dict[str, Any]:
-        """The fields that determine the output (recorded in the manifest, checked on resume)."""
-        return {name: getattr(self, name) for name in _OUTPUT_FIELDS}
+        """The fields that determine the output (recorded in the manifest, checked on resume); the order as
+        resolved (``shuffle`` true or false, and the seed that made it)."""
+        order = {"shuffle": self.shuffled, "seed": self.seed if self.shuffled else 0}
+        return {name: getattr(self, name) for name in _OUTPUT_FIELDS} | order
 
     @property
     def shard_prefix(self) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from dataengine.errors import OutputExistsError
 from dataengine.fs import Location
-from dataengine.ingest.config import IngestConfig
+from dataengine.ingest.config import UNSHUFFLED, IngestConfig
 from dataengine.metadata_table import meta_schema
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def check_output(out: Location, config: IngestConfig) -> str:
     """
     if not out.exists("ingest_config.json"):
         return "new"
-    recorded = out.read_json("ingest_config.json")
+    recorded = UNSHUFFLED | out.read_json("ingest_config.json")  # written before ingest could shuffle
     if recorded == config.output_config():
         return "complete" if out.exists("manifest.json") else "partial"
     if config.overwrite or (config.num_nodes == recorded.get("num_nodes") == 1 and not _work_recorded(out)):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +13,7 @@ from dataengine.errors import InputUnusableError
 from dataengine.fs import Location
 from dataengine.ingest.config import IngestConfig, IngestResult
 from dataengine.ingest.merging import merge
+from dataengine.ingest.order import ingest_order
 from dataengine.ingest.pipeline import blocks_of, ordered_results
 from dataengine.ingest.resume import check_output, resume_state, start_output
 from dataengine.ingest.writer import ShardWriter
@@ -46,14 +49,20 @@ def run_ingest(config: IngestConfig, progress: Callable[[int], None] | None = No
     if state.next_index:
         logger.info("resuming: %d stats files done, continuing at input row %d", state.next_index, state.input_end)
     writer = ShardWriter(out, config, state)
-    rows = (r for r in iter_rows(config.yfcc, config.images, config.storage_options)
-            if r.index >= state.input_end and config.owns(r.index))
-    for samples in ordered_results(config, blocks_of(rows, config.block_rows)):
-        for sample in samples:
-            writer.add(sample)
-        if progress:
-            progress(len(samples))
-    writer.close_shard()
+    spool = os.path.join(out.scratch_dir(), f"ingest-spool-{config.node_rank:03d}")
+    try:
+        ordered = ingest_order(iter_rows(config.yfcc, config.images, config.storage_options), config.shuffled,
+                               config.seed, spool)
+        rows = (r for r in ordered if r.index >= state.input_end and config.owns(r.index))
+        for samples in ordered_results(config, blocks_of(rows, config.block_rows)):
+            for sample in samples:
+                writer.add(sample)
+            if progress:
+                progress(len(samples))
+        writer.close_shard()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(spool)
     _finish_node(out, config, writer)
     manifest = merge(config.out, config.storage_options)
     seconds = time.perf_counter() - start

@@ -106,6 +106,59 @@ def test_tar_source_equals_folder_source(tmp_path):
     assert read_back(str(tmp_path / "a")) == read_back(str(tmp_path / "b"))
 
 
+def test_folder_and_tar_inputs_are_written_in_a_seeded_permutation_recorded_in_the_manifest(tmp_path):
+    """A class-sorted folder is written permuted by default (the same bytes for the same seed, another order
+    for another seed), in input order with --no-shuffle; a streamed tar (.tar.gz, its bytes spooled) gives the
+    same permutation as the folder it was made from."""
+    make_folder(tmp_path / "imgs", num_per_class=8)
+    with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as archive:
+        for name in ("cat", "dog", "owl"):
+            archive.add(tmp_path / "imgs" / name, arcname=name)
+
+    def ingest(out, images="imgs", **options):
+        run_ingest(IngestConfig(images=str(tmp_path / images), out=str(tmp_path / out), shard_size=10,
+                                workers=0, **options))
+        return [sample[2]["label"] for sample in read_back(str(tmp_path / out))]
+
+    in_order = ingest("plain", shuffle=False)
+    assert in_order == sorted(in_order)
+    labels = ingest("a")
+    assert sorted(labels) == in_order and labels != in_order
+    assert max(len(set(labels[i:i + 10])) for i in range(0, 24, 10)) == 3  # every shard mixes the classes
+    ingest("b")
+    assert ingest_files(tmp_path / "a") == ingest_files(tmp_path / "b")
+    other = ingest("c", seed=1)
+    assert sorted(other) == in_order and other != labels
+    assert ingest("tar", images="imgs.tar.gz") == labels
+    assert [s[0] for s in read_back(str(tmp_path / "tar"))] == [s[0] for s in read_back(str(tmp_path / "a"))]
+    assert not os.path.exists(tmp_path / "tar" / ".tmp" / "ingest-spool-000")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["config"]["shuffle"] is True and manifest["config"]["seed"] == 1
+    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["config"]["shuffle"] is False
+
+
+def test_yfcc_metadata_keeps_its_order_unless_shuffle_is_asked():
+    assert not IngestConfig(yfcc="m.tsv", images="root", out="o").shuffled
+    assert IngestConfig(yfcc="m.tsv", images="root", out="o", shuffle=True).shuffled
+    assert IngestConfig(images="folder", out="o").shuffled
+    assert IngestConfig(images="folder", out="o", seed=3).output_config()["seed"] == 3
+    assert IngestConfig(images="folder", out="o", shuffle=False, seed=3).output_config()["seed"] == 0
+    with pytest.raises(ValueError, match="seed"):
+        IngestConfig(images="folder", out="o", seed=-1)
+
+
+def test_an_ingest_recorded_before_the_order_option_resumes_as_unshuffled(tmp_path):
+    make_folder(tmp_path / "imgs", num_per_class=3)
+    config = IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "out"), workers=0, shuffle=False)
+    run_ingest(config)
+    recorded = json.loads((tmp_path / "out" / "ingest_config.json").read_text())
+    del recorded["shuffle"], recorded["seed"]
+    (tmp_path / "out" / "ingest_config.json").write_text(json.dumps(recorded))
+    assert run_ingest(config).resumed_shards == 1
+    with pytest.raises(OutputExistsError):
+        run_ingest(IngestConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "out"), workers=0))
+
+
 def test_corrupt_duplicate_and_unsupported_images_are_recorded(tmp_path):
     make_folder(tmp_path / "imgs", num_per_class=4, classes=("x",))
     good = (tmp_path / "imgs" / "x" / "000.jpg").read_bytes()
