@@ -48,13 +48,20 @@ class DataConfig:
     """DataLoader workers per rank (decoding, augmentation)."""
     buffer_size: int = 2048
     """Shuffle buffer of the balanced stream (input samples per block)."""
+    shards_in_flight: int = 32
+    """Shards each DataLoader worker reads at a time, a sample of each in turn: on shards that each hold one
+    class (an ingest of a class-sorted folder without its shuffle) a batch mixes up to this many shards'
+    classes. A remote shard in flight holds an 8 MiB read-ahead."""
+    copy_spread: int = 4
+    """Shuffle blocks over which the copies of a row repeated by the balanced sampling (rows of small
+    clusters) are spread, instead of all falling in the block the row was read in."""
     balanced_sampling: bool = True
     """Draw every cluster about equally often (not for rotnet)."""
     samples_per_epoch: int | None = None
     """Expected samples per epoch over all ranks with balanced sampling (default: the dataset size)."""
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "image_size", "batch_size", "buffer_size")
+        _at_least(self, 1, "image_size", "batch_size", "buffer_size", "shards_in_flight", "copy_spread")
         _at_least(self, 0, "workers")
         _at_least(self, 1, "resize_size", "samples_per_epoch", optional=True)
         low, high = self.crop_scale

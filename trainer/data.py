@@ -1,9 +1,10 @@
 """Training input: shards streamed from local disk or object storage, balanced over clusters.
 
 Every epoch the shards are put in a seeded random order (the same on every rank) and dealt to ``(rank,
-DataLoader worker)`` pairs round-robin; each pair reads its shards :data:`INTERLEAVE` at a time, taking
-samples from them in turn (ingest keeps input order, so a folder source's shards hold one class each: read
-one at a time, even a large shuffle buffer would make single-class batches). It numbers every sample by
+DataLoader worker)`` pairs round-robin; each pair reads its shards ``shards_in_flight`` at a time, taking
+samples from them in turn (shards ingested in input order from a class-sorted folder hold one class each:
+read one at a time, even a large shuffle buffer would make single-class batches; read 32 at a time, a batch
+mixes up to 32 shards' classes: :func:`batch_mix` measures it). It numbers every sample by
 its global row (the shard's first row + its position in the shard: the row order of ``metadata.parquet``
 and of the feature store), lets a :class:`~trainer.sampler.BalancedStream` decide how many times it is
 emitted and in which order, and only then decodes and augments it. The labels join in the main process as
@@ -20,9 +21,9 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,11 +35,13 @@ from trainer.sampler import BalancedStream, ClusterBalance, StreamConfig, stream
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _TAG_AUGMENT = 11
 _TAG_SHARDS = 12
 _AUGMENT_BLOCK = 256  # items whose augmentation draws one generator makes
-INTERLEAVE = 4
-"""Shards a DataLoader worker reads at a time, alternating between them sample by sample."""
+SHARDS_IN_FLIGHT = 32
+"""Shards a DataLoader worker reads at a time by default, alternating between them sample by sample."""
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         plan: epoch, rank, world size, and batches to skip on resume.
         batch_size: batch size of the DataLoader (to turn skipped batches into skipped items).
         storage_options: fsspec options for remote shards.
+        shards_in_flight: shards each DataLoader worker reads at a time, sample by sample in turn.
     """
 
     def __init__(self, shards: list[ShardInfo], balance: ClusterBalance | None, stream: StreamConfig,
                  crop: CropConfig, plan: EpochPlan, batch_size: int,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, shards_in_flight: int = SHARDS_IN_FLIGHT) -> None:
         super().__init__()
+        if shards_in_flight < 1:
+            raise ValueError(f"shards_in_flight={shards_in_flight} must be >= 1")
+        self.shards_in_flight = shards_in_flight
         self.shards = shards
         self.balance = balance
         self.stream = stream
@@ -93,20 +100,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         batches = max(0, -(-(self.plan.skip_batches - worker) // num_workers))
         return batches * self.batch_size
 
-    def _rows(self, shards: list[ShardInfo]) -> Iterator[tuple[int, dict[str, Any]]]:
-        """``(row, sample)`` of ``shards``, :data:`INTERLEAVE` shards at a time, one sample of each in turn."""
-        waiting = iter(shards)
-        active = [self._shard_rows(shard) for shard in itertools.islice(waiting, INTERLEAVE)]
-        while active:
-            for stream in list(active):
-                item = next(stream, None)
-                if item is not None:
-                    yield item
-                    continue
-                active.remove(stream)
-                following = next(waiting, None)
-                if following is not None:
-                    active.append(self._shard_rows(following))
+    def worker_stream(self, worker: int, num_workers: int,
+                      rows_of: Callable[[ShardInfo], Iterator[tuple[int, T]]]) -> Iterator[tuple[int, T]]:
+        """The ``(row, item)`` sequence worker ``worker`` emits (balanced and shuffled), items read by
+        ``rows_of(shard)``: the samples themselves, or anything else in their place (:func:`batch_rows`)."""
+        # Rank r streams this epoch's shards r, r + world, ...; its worker w takes every W-th of those.
+        mine = epoch_shards(self.shards, self.stream.seed, self.plan)[worker::num_workers]
+        stream = BalancedStream(self.balance, self.stream, epoch=self.plan.epoch, rank=self.plan.rank, worker=worker)
+        return stream(interleave((rows_of(shard) for shard in mine), self.shards_in_flight))
 
     @staticmethod
     def _shard_rows(shard: ShardInfo) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -121,12 +122,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         worker, num_workers = self._worker()
         register_fsspec_opener(self.storage_options)
-        # Rank r streams this epoch's shards r, r + world, ...; its worker w takes every W-th of those.
-        mine = epoch_shards(self.shards, self.stream.seed, self.plan)[worker::num_workers]
-        stream = BalancedStream(self.balance, self.stream, epoch=self.plan.epoch, rank=self.plan.rank, worker=worker)
         skip = self._skip_items(worker, num_workers)
         draws = np.empty((0, CROP_DRAWS))
-        for index, (row, sample) in enumerate(stream(self._rows(mine))):
+        for index, (row, sample) in enumerate(self.worker_stream(worker, num_workers, self._shard_rows)):
             if index < skip:
                 continue
             block, offset = divmod(index, _AUGMENT_BLOCK)
@@ -147,6 +145,56 @@ class ShardStream(torch.utils.data.IterableDataset):
             logger.warning("row %d (%s): no decodable image (%s); a black image stands in", row,
                            sample.get("__key__"), f"{type(exc).__name__}: {exc}")
             return torch.zeros((3, self.crop.size, self.crop.size), dtype=torch.uint8)
+
+
+def interleave(streams: Iterable[Iterator[T]], in_flight: int) -> Iterator[T]:
+    """The items of ``streams``, ``in_flight`` of them at a time, one item of each in turn; a finished stream
+    is replaced by the next one."""
+    waiting = iter(streams)
+    active = list(itertools.islice(waiting, in_flight))
+    while active:
+        for stream in list(active):
+            item = next(stream, None)
+            if item is not None:
+                yield item
+                continue
+            active.remove(stream)
+            following = next(waiting, None)
+            if following is not None:
+                active.append(following)
+
+
+def batch_rows(dataset: ShardStream, workers: int) -> Iterator[np.ndarray]:
+    """The rows of every batch the DataLoader of ``dataset`` gives (``workers`` workers, ``drop_last``), in
+    order, without reading a shard: a diagnosis of the stream's mix (classes per batch, repeats)."""
+    def rows_of(shard: ShardInfo) -> Iterator[tuple[int, None]]:
+        return ((row, None) for row in range(shard.first_row, shard.end_row))
+
+    num = max(workers, 1)
+    streams = [dataset.worker_stream(worker, num, rows_of) for worker in range(num)]
+    active = list(range(num))
+    while active:  # the DataLoader takes one batch of each worker in turn
+        for worker in list(active):
+            batch = [row for row, _ in itertools.islice(streams[worker], dataset.batch_size)]
+            if len(batch) < dataset.batch_size:
+                active.remove(worker)
+            else:
+                yield np.asarray(batch, dtype=np.int64)
+
+
+def batch_mix(batches: Iterable[np.ndarray], classes: np.ndarray) -> dict[str, float]:
+    """How well batches mix ``classes`` (a class id per row): the mean over batches of the largest class's
+    share of the batch, and of the number of classes in the batch (an iid stream of ``C`` equal classes gives
+    about ``1/C`` plus noise, and ``min(C, batch size)``)."""
+    shares, present = [], []
+    for rows in batches:
+        counts = np.bincount(classes[rows])
+        shares.append(counts.max() / len(rows))
+        present.append(np.count_nonzero(counts))
+    if not shares:
+        raise ValueError("no batch to measure")
+    return {"max_class_share": float(np.mean(shares)), "classes_per_batch": float(np.mean(present)),
+            "batches": len(shares)}
 
 
 def make_loader(dataset: ShardStream, batch_size: int, workers: int) -> torch.utils.data.DataLoader:

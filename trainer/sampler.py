@@ -18,16 +18,23 @@ The scheme, in two stages:
    ``(seed, epoch, row)`` (:func:`indexes.data.row_keys`), not a stateful RNG draw: a row's count depends
    on nothing else, so the multiset of an epoch is the same however the shards are split across ranks
    and DataLoader workers, and each worker emits about ``sum of its rows' e_c`` samples.
-2. **Block shuffle (mixing).** The input is cut into blocks of ``buffer_size`` consecutive input samples;
-   the copies of a block's samples are emitted in a random permutation drawn from a generator seeded by
-   ``(seed, epoch, rank, worker, block index)``. The next block is read while the current one is emitted
-   (a proportional share of it per emitted item), so reading never stalls for a whole block and at most
-   two blocks of distinct samples are held (copies are references, not copies of the data).
+2. **Block shuffle (mixing).** The input is cut into blocks of ``buffer_size`` consecutive input samples.
+   The copies of a row are spread over ``copy_spread`` (``S``) consecutive output blocks rather than bunched
+   in one: copy ``j`` of ``c`` copies of a row read in block ``b`` is emitted with output block
+   ``b + floor(j S / c)`` (copy 0 with its own block; with ``c <= S`` no two copies share a block, and
+   consecutive copies are about ``S / c`` blocks apart instead of ``1 / c`` of a block). Output block ``k``
+   emits the copies assigned to it in a random permutation drawn from a generator seeded by ``(seed, epoch,
+   rank, worker, k)``. The next input block is read while the current output block is emitted (a
+   proportional share of it per emitted item), so reading never stalls for a whole block. Held: two blocks
+   of samples plus the rows with copies still to come (at most ``S`` blocks of them; copies are references,
+   not copies of the data). A stream without repeats (no balancing, or every count <= 1) is the plain block
+   shuffle whatever ``S``.
 
 Checkpointing: the position after any emitted item is ``(block, emitted)``; :meth:`BalancedStream.state_dict`
-returns it with ``input_position = block * buffer_size``, the number of input samples to skip when
-restarting the input stream. :meth:`~BalancedStream.load_state_dict` then re-reads that block, draws the
-same permutation and skips what was already emitted, which reproduces the uninterrupted sequence exactly.
+returns it with ``input_position = max(0, block - S + 1) * buffer_size``, the number of input samples to skip
+when restarting the input stream. :meth:`~BalancedStream.load_state_dict` then re-reads the input blocks
+whose copies may fall into that block, draws the same permutation and skips what was already emitted, which
+reproduces the uninterrupted sequence exactly.
 In a DataLoader worker, attach ``stream.state_dict()`` to each item it yields: the main process keeps
 the state of the last item it consumed from every worker, since workers run ahead of the consumer.
 """
@@ -80,13 +87,18 @@ class StreamConfig:
     seed: int = 0
     """Seed of the emission counts and of the shuffles."""
     buffer_size: int = 4096
-    """Input samples per shuffle block. Memory: up to two blocks of distinct samples."""
+    """Input samples per shuffle block. Memory: up to two blocks of distinct samples, plus the rows whose
+    copies are still to come (``copy_spread``)."""
+    copy_spread: int = 4
+    """Output blocks over which the copies of a repeated row are spread (1: all in the block it was read in)."""
 
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ValueError(f"seed={self.seed} must be >= 0")
         if self.buffer_size < 1:
             raise ValueError(f"buffer_size={self.buffer_size} must be >= 1")
+        if self.copy_spread < 1:
+            raise ValueError(f"copy_spread={self.copy_spread} must be >= 1")
 
 
 class ClusterBalance:
@@ -188,14 +200,19 @@ class BalancedStream:
     @property
     def input_position(self) -> int:
         """Number of input samples to skip when (re)starting the input stream for the next iteration."""
-        return self._block * self.config.buffer_size
+        return self._first_input_block * self.config.buffer_size
+
+    @property
+    def _first_input_block(self) -> int:
+        """The first input block whose copies may still be emitted in the current output block."""
+        return max(0, self._block - self.config.copy_spread + 1)
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last emitted item, as a JSON-able dict."""
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "seed": self.config.seed,
-            "buffer_size": self.config.buffer_size, "rank": self.rank, "worker": self.worker,
-            "balance": None if self.balance is None else self.balance.digest(),
+            "buffer_size": self.config.buffer_size, "copy_spread": self.config.copy_spread, "rank": self.rank,
+            "worker": self.worker, "balance": None if self.balance is None else self.balance.digest(),
             "epoch": self.epoch, "block": self._block, "emitted": self._emitted,
             "input_position": self.input_position,
         }
@@ -206,13 +223,15 @@ class BalancedStream:
         The next iteration must be given the input stream starting at :attr:`input_position`.
 
         Raises:
-            ValueError: the state is from a stream with another seed, buffer size, rank, worker or labels.
+            ValueError: the state is from a stream with another seed, buffer size, copy spread, rank, worker or
+                labels.
         """
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a {STATE_FORMAT} v{STATE_VERSION} state: {state.get('format')!r} "
                              f"v{state.get('version')!r}")
+        state = {"copy_spread": 1} | state  # states written before copies were spread
         mine = self.state_dict()
-        for key in ("seed", "buffer_size", "rank", "worker", "balance"):
+        for key in ("seed", "buffer_size", "copy_spread", "rank", "worker", "balance"):
             if state[key] != mine[key]:
                 raise ValueError(f"cannot resume: the state has {key}={state[key]!r} but this stream "
                                  f"{mine[key]!r}")
@@ -223,10 +242,15 @@ class BalancedStream:
         """Balance and shuffle ``samples``, which must start at :attr:`input_position` of this epoch's input."""
         source = iter(samples)
         size = self.config.buffer_size
-        block = _take(source, size, [])
-        skip = self._emitted
-        while block:
-            order = self._block_order(block, self._block)
+        pending: dict[int, list[tuple[int, T]]] = {}  # output block -> the copies assigned to it
+        for index in range(self._first_input_block, self._block):  # their copies still to come (resume)
+            self._assign(_take(source, size, []), index, pending)
+        block, skip = _take(source, size, []), self._emitted
+        while block or pending:
+            self._assign(block, self._block, pending)
+            copies = pending.pop(self._block, [])
+            order = stream_rng(self.config.seed, _TAG_SHUFFLE, self.epoch, self.rank, self.worker,
+                               self._block).permutation(len(copies))
             following: list[tuple[int, T]] = []
             for index in range(skip, len(order)):
                 # Read the next block in step with the emission of this one, so the input never stalls.
@@ -235,21 +259,27 @@ class BalancedStream:
                     self._block, self._emitted = self._block + 1, 0
                 else:
                     self._emitted = index + 1
-                yield block[order[index]]
+                yield copies[order[index]]
             if not order.size:
                 self._block, self._emitted = self._block + 1, 0
             block, skip = _take(source, size - len(following), following), 0
 
-    def _block_order(self, block: list[tuple[int, T]], block_index: int) -> np.ndarray:
-        """Indices into ``block`` (each repeated by its emission count), in this block's random order."""
+    def _assign(self, block: list[tuple[int, T]], block_index: int,
+                pending: dict[int, list[tuple[int, T]]]) -> None:
+        """Add the copies of input block ``block_index``'s samples to the output blocks they are emitted with
+        (those before the current output block were emitted already)."""
+        if not block:
+            return
         if self.balance is None:
             counts = np.ones(len(block), dtype=np.int64)
         else:
             rows = np.fromiter((row for row, _ in block), dtype=np.int64, count=len(block))
             counts = self.balance.counts(rows, self.config.seed, self.epoch)
-        order = np.repeat(np.arange(len(block)), counts)
-        rng = stream_rng(self.config.seed, _TAG_SHUFFLE, self.epoch, self.rank, self.worker, block_index)
-        return rng.permutation(order)
+        items = np.repeat(np.arange(len(block)), counts)
+        copy = np.arange(items.size) - np.repeat(np.cumsum(counts) - counts, counts)  # j of each copy
+        targets = block_index + copy * self.config.copy_spread // counts[items]
+        for target in np.unique(targets[targets >= self._block]).tolist():
+            pending.setdefault(target, []).extend(block[i] for i in items[targets == target].tolist())
 
 
 def _take(source: Iterator[T], count: int, into: list[T]) -> list[T]:

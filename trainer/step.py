@@ -28,8 +28,9 @@ def epoch_loader(config: TrainConfig, shard_set: ShardSet, labels: Labels | None
     data, balance = config.data, None
     if labels is not None and data.balanced_sampling:
         balance = ClusterBalance(labels.balance, data.samples_per_epoch)
-    stream = ShardStream(shard_set.shards, balance, StreamConfig(seed=config.seed, buffer_size=data.buffer_size),
-                         crop, plan, data.batch_size, data.storage_options)
+    stream = ShardStream(shard_set.shards, balance, StreamConfig(seed=config.seed, buffer_size=data.buffer_size,
+                                                                 copy_spread=data.copy_spread),
+                         crop, plan, data.batch_size, data.storage_options, data.shards_in_flight)
     expected = min_over_ranks(expected_samples(shard_set.shards, balance, plan, config.seed))
     # A few standard deviations below the expected count, so that no rank runs dry before the others.
     steps = int((expected - 4 * math.sqrt(max(expected, 1.0))) // data.batch_size)

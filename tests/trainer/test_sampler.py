@@ -131,13 +131,15 @@ def test_blocks_are_shuffled_and_bounded(labels):
         output.append(row)
     assert sorted(output) == list(range(1050))
     assert output != list(range(1050))
-    assert stream.state_dict()["block"] == 11 and stream.input_position == 1100
+    # Resuming re-reads the input blocks whose copies may fall in the next output block.
+    assert stream.state_dict()["block"] == 11 and stream.input_position == (11 - 4 + 1) * 100
 
 
+@pytest.mark.parametrize("spread", [1, 4])
 @pytest.mark.parametrize("cut", [0, 1, 137, 700, "block_end", "last", "end"])
-def test_resume_reproduces_the_uninterrupted_sequence(labels, cut):
+def test_resume_reproduces_the_uninterrupted_sequence(labels, cut, spread):
     balance = ClusterBalance(labels)
-    config = StreamConfig(seed=5, buffer_size=128)
+    config = StreamConfig(seed=5, buffer_size=128, copy_spread=spread)
     rows = np.random.default_rng(0).permutation(2000)  # shard order need not be row order
     full = _run(BalancedStream(balance, config, epoch=2, worker=1), rows)
     first = BalancedStream(balance, config, epoch=2, worker=1)
@@ -151,7 +153,7 @@ def test_resume_reproduces_the_uninterrupted_sequence(labels, cut):
             break
     state = json.loads(json.dumps(first.state_dict()))  # checkpoints are JSON
     if cut == "block_end":
-        assert (state["block"], state["emitted"], state["input_position"]) == (2, 0, 256)
+        assert (state["block"], state["emitted"], state["input_position"]) == (2, 0, max(0, 3 - spread) * 128)
     resumed = BalancedStream(balance, config, epoch=0, worker=1)
     resumed.load_state_dict(state)
     assert resumed.epoch == 2 and resumed.input_position == state["input_position"]
@@ -178,6 +180,7 @@ def test_load_state_dict_refuses_another_stream(labels):
         BalancedStream(balance, StreamConfig(seed=1), rank=1),
         BalancedStream(balance, StreamConfig(seed=1), worker=1),
         BalancedStream(balance, StreamConfig(seed=1, buffer_size=8)),
+        BalancedStream(balance, StreamConfig(seed=1, copy_spread=1)),
         BalancedStream(None, StreamConfig(seed=1)),
         BalancedStream(ClusterBalance(labels, samples_per_epoch=10), StreamConfig(seed=1)),
     ]
@@ -213,3 +216,27 @@ def test_config_and_seed_helpers():
     draw = torch.rand(3, generator=torch_generator(4, 1))
     assert torch.equal(draw, torch.rand(3, generator=torch_generator(4, 1)))
     assert not torch.equal(draw, torch.rand(3, generator=torch_generator(4, 2)))
+
+
+def _copy_gaps(output: list[tuple[int, str]]) -> np.ndarray:
+    """Distances (in stream positions) between consecutive copies of the same row."""
+    positions: dict[int, list[int]] = {}
+    for position, (row, _) in enumerate(output):
+        positions.setdefault(row, []).append(position)
+    return np.concatenate([np.diff(p) for p in positions.values() if len(p) > 1])
+
+
+def test_copies_of_small_clusters_are_spread_over_several_blocks(labels):
+    """The balanced stream's repeats of one row are spread over ``copy_spread`` blocks: with the default (4),
+    consecutive copies are over 4 times further apart than with all copies in the block the row was read in,
+    and less than half as often within one batch of 64."""
+    balance = ClusterBalance(labels)
+
+    def output(spread: int) -> list[tuple[int, str]]:
+        return _run(BalancedStream(balance, StreamConfig(seed=11, buffer_size=512, copy_spread=spread)),
+                    range(len(labels)))
+
+    bunched, spread = _copy_gaps(output(1)), _copy_gaps(output(StreamConfig().copy_spread))
+    assert np.median(spread) > 4 * np.median(bunched)
+    assert np.mean(spread < 64) < 0.5 * np.mean(bunched < 64)
+    assert Counter(row for row, _ in output(1)) == Counter(row for row, _ in output(4))  # the same multiset
