@@ -48,9 +48,15 @@ class ClusterConfig:
     """Lloyd iterations per k-means (the paper uses 10)."""
     seed: int = 0
     """Seed of the samples, initial centroids and empty-cluster splits."""
-    sample_per_centroid: int | None = 256
-    """Each k-means trains on at most k x this many rows of its group (then every row is assigned);
-    ``None`` trains on every row. Chosen on purpose, and recorded: never a silent subsample."""
+    sample_per_centroid: tuple[int, ...] = (0, 256)
+    """Training sample of the k-means of each level: a k-means of k clusters trains on at most k x this many
+    rows of its group (then every row is assigned); 0 = every row of the group, up to ``max_sample_rows``.
+    One value per level, the last one for the deeper levels. Default: every row at level 0 (the paper
+    clusters the whole dataset; its few super-clusters cost little per row), 256 per centroid below (FAISS's
+    default). Chosen on purpose, and recorded: never a silent subsample."""
+    max_sample_rows: int | None = 1 << 20
+    """Rows at most of a k-means whose ``sample_per_centroid`` is 0 (a seeded sample beyond: its training rows
+    are held in memory, 1 GiB for 2^20 rows of 256 float32); ``None``: no limit."""
     balanced: bool = False
     """Give each parent a number of children proportional to its size (same total)."""
     neighbor_index: bool = True
@@ -73,14 +79,25 @@ class ClusterConfig:
             raise ValueError(f"pca_dim={self.pca_dim} must be >= 1 (or None to keep every dimension)")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations={self.num_iterations} must be >= 1")
-        if self.sample_per_centroid is not None and self.sample_per_centroid < 1:
-            raise ValueError(f"sample_per_centroid={self.sample_per_centroid} must be >= 1 (or None)")
+        if isinstance(self.sample_per_centroid, int):  # one value for every level
+            object.__setattr__(self, "sample_per_centroid", (self.sample_per_centroid,))
+        object.__setattr__(self, "sample_per_centroid", tuple(int(v) for v in self.sample_per_centroid))
+        if not self.sample_per_centroid or min(self.sample_per_centroid) < 0:
+            raise ValueError(f"sample_per_centroid={self.sample_per_centroid} must be one or more values >= 0 "
+                             "(0 = every row), one per level")
+        if self.max_sample_rows is not None and self.max_sample_rows < 1:
+            raise ValueError(f"max_sample_rows={self.max_sample_rows} must be >= 1 (or None for no limit)")
+
+    def level_sample_per_centroid(self, level: int) -> int:
+        """``sample_per_centroid`` of ``level`` (0 = every row)."""
+        return self.sample_per_centroid[min(level, len(self.sample_per_centroid) - 1)]
 
     def resolved(self) -> dict[str, Any]:
         """JSON-able config without credentials."""
         values = asdict(self)
         values.pop("storage_options")
         values["levels"] = list(self.levels)
+        values["sample_per_centroid"] = list(self.sample_per_centroid)
         return values
 
 
@@ -230,7 +247,8 @@ def _fit(features: Any, lo: int, hi: int, config: ClusterConfig, reducer: Any,
     whitened = ArrayDataset(features, block_rows=block, start=lo, stop=hi, transform=pca.apply,
                             transform_dim=pca.output_dim)
     kmeans = HierarchicalKMeansConfig(levels=tuple(config.levels), num_iterations=config.num_iterations,
-                                      seed=config.seed, max_points_per_centroid=config.sample_per_centroid,
+                                      seed=config.seed, max_training_rows=config.max_sample_rows,
+                                      points_per_centroid=tuple(p or None for p in config.sample_per_centroid),
                                       balanced=config.balanced, num_threads=config.num_threads)
     return pca, fit_hierarchical_kmeans(whitened, kmeans, reducer=reducer, progress=progress)
 

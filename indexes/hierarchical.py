@@ -31,12 +31,27 @@ class HierarchicalKMeansConfig(LloydConfig):
     """Clusters per level: ``(4, 1000)`` makes 4 clusters, each split into 1000 (4000 leaves)."""
     balanced: bool = False
     """Give each parent a number of children proportional to its size (same total) instead of a fixed k."""
+    points_per_centroid: tuple[int | None, ...] | None = None
+    """Training sample of each level's k-means, ``max_points_per_centroid`` per level (``None``: every row of
+    the group, up to ``max_training_rows``); shorter than ``levels``: its last value for the deeper levels.
+    ``None`` here: ``max_points_per_centroid`` at every level."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if len(self.levels) == 0 or any(int(k) < 1 for k in self.levels):
             raise ValueError(f"levels={self.levels} must be a non-empty sequence of cluster counts >= 1")
         object.__setattr__(self, "levels", tuple(int(k) for k in self.levels))
+        if self.points_per_centroid is not None:
+            if not self.points_per_centroid or any(p is not None and p < 1 for p in self.points_per_centroid):
+                raise ValueError(f"points_per_centroid={self.points_per_centroid} must hold one or more values "
+                                 ">= 1 or None (every row)")
+            object.__setattr__(self, "points_per_centroid", tuple(self.points_per_centroid))
+
+    def level_points_per_centroid(self, level: int) -> int | None:
+        """The ``max_points_per_centroid`` of ``level``'s k-means."""
+        if self.points_per_centroid is None:
+            return self.max_points_per_centroid
+        return self.points_per_centroid[min(level, len(self.points_per_centroid) - 1)]
 
 
 @dataclass
@@ -88,11 +103,14 @@ def fit_hierarchical_kmeans(
         else:
             group_labels = results[-1].assignments
             num_children = children_per_parent(results[-1].sizes, k, balanced=config.balanced)
-        result = fit_groups(data, group_labels, num_children, lloyd, level=level, reducer=reducer, progress=progress)
+        level_lloyd = dataclasses.replace(lloyd, max_points_per_centroid=config.level_points_per_centroid(level))
+        result = fit_groups(data, group_labels, num_children, level_lloyd, level=level, reducer=reducer,
+                            progress=progress)
         result.config = {"level": level, "clusters_per_parent": k, "balanced": config.balanced}
         logger.info(
-            "level %d: %d clusters, objective %.6g, %d empty-cluster splits",
-            level, result.num_clusters, result.objective, int(result.empty_splits.sum()),
+            "level %d: %d clusters trained on %d rows, objective %.6g, %d empty-cluster splits",
+            level, result.num_clusters, int(result.num_train_rows.sum()), result.objective,
+            int(result.empty_splits.sum()),
         )
         results.append(result)
     return HierarchicalKMeansResult(levels=results, config=dataclasses.asdict(config))

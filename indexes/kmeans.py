@@ -49,7 +49,11 @@ class LloydConfig:
     """Seed of the training sample, the initial centroids and the empty-cluster splits."""
     max_points_per_centroid: int | None = None
     """Train each k-means on at most ``k`` times this many rows of its group, drawn at random; the final
-    assignment still covers every row. ``None`` trains on every row (memory: the whole group)."""
+    assignment still covers every row. ``None`` trains on every row (memory: the whole group), up to
+    ``max_training_rows``."""
+    max_training_rows: int | None = None
+    """With ``max_points_per_centroid=None``: train on at most this many rows of a group, drawn at random
+    (``None``: every row, whatever the group's size)."""
     split_eps: float = 1.0 / 1024
     """Relative perturbation of the two centroids made by splitting a cluster to re-seed an empty one."""
     backend: Backend = "auto"
@@ -64,6 +68,8 @@ class LloydConfig:
             raise ValueError(
                 f"max_points_per_centroid={self.max_points_per_centroid} must be >= 1 (or None for every row)"
             )
+        if self.max_training_rows is not None and self.max_training_rows < 1:
+            raise ValueError(f"max_training_rows={self.max_training_rows} must be >= 1 (or None for every row)")
         if not 0.0 < self.split_eps < 1.0:
             raise ValueError(f"split_eps={self.split_eps} must be in (0, 1)")
         if self.num_threads is not None and self.num_threads < 1:
@@ -208,7 +214,7 @@ def fit_groups(
     group_sizes = reducer.all_reduce_sum(np.array([m.size for m in members], dtype=np.int64))
     _check_children(num_children, group_sizes)
     seed = stream_seed(config.seed, _SEED_SAMPLE, level)
-    wanted = _sample_sizes(num_children, group_sizes, config.max_points_per_centroid)
+    wanted = _sample_sizes(num_children, group_sizes, config.max_points_per_centroid, config.max_training_rows)
     samples = smallest_key_rows(members, wanted, row_offset=data.row_offset, seed=seed, reducer=reducer)
     del members  # O(rows) indices: not kept through training
     complete = bool(np.all(wanted >= group_sizes))
@@ -412,10 +418,13 @@ def _stack(rows: list[list], dtype) -> np.ndarray:
     return out
 
 
-def _sample_sizes(num_children: np.ndarray, group_sizes: np.ndarray, per_centroid: int | None) -> np.ndarray:
-    if per_centroid is None:
+def _sample_sizes(num_children: np.ndarray, group_sizes: np.ndarray, per_centroid: int | None,
+                  max_rows: int | None) -> np.ndarray:
+    if per_centroid is not None:
+        return num_children * per_centroid
+    if max_rows is None:
         return group_sizes.copy()
-    return num_children * per_centroid
+    return np.minimum(group_sizes, np.maximum(max_rows, num_children))
 
 
 def _check_children(num_children: np.ndarray, group_sizes: np.ndarray) -> None:

@@ -127,6 +127,11 @@ class ClusteringConfig:
     """Whitened dimension for the clusterings."""
     kmeans_iterations: int = 10
     """Lloyd iterations per k-means."""
+    sample_per_centroid: tuple[int, ...] = (0, 256)
+    """Training rows of each level's k-means: k x this many rows of its group, 0 = every row (up to
+    ``max_sample_rows``); one value per level, the last for the deeper levels (as ``dataengine cluster``)."""
+    max_sample_rows: int | None = 1 << 20
+    """Rows at most of a k-means told to train on every row (``None``: no limit)."""
     features_from: str | None = None
     """ClusterFit: checkpoint whose features are clustered (default: the model's ``init``), or a pretrained
     network as embed's ``--model`` takes it (``resnet50:IMAGENET1K_V2``, a TorchScript file, ``module:function``)."""
@@ -135,7 +140,9 @@ class ClusteringConfig:
         if not self.levels or any(k < 1 for k in self.levels):
             raise ValueError(f"levels={self.levels} must be one or more cluster counts >= 1")
         _at_least(self, 1, "kmeans_iterations")
-        _at_least(self, 1, "pca_dim", optional=True)
+        _at_least(self, 1, "pca_dim", "max_sample_rows", optional=True)
+        if not self.sample_per_centroid or min(self.sample_per_centroid) < 0:
+            raise ValueError(f"sample_per_centroid={self.sample_per_centroid} must be one or more values >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

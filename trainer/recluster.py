@@ -71,6 +71,8 @@ class Reclusterer:
         pca_dim = min(clustering.pca_dim or feature_dim, feature_dim)
         run_cluster(ClusterConfig(store=store, name=name, levels=tuple(clustering.levels), pca_dim=pca_dim,
                                   num_iterations=clustering.kmeans_iterations, seed=config.seed + epoch,
+                                  sample_per_centroid=clustering.sample_per_centroid,
+                                  max_sample_rows=clustering.max_sample_rows,
                                   neighbor_index=False, overwrite=True, num_threads=threads),
                     reducer=reducer())
         self.milestone("recluster.clustered")

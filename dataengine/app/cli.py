@@ -110,6 +110,18 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    """A comma-separated list of integers given to ``option`` (``"0,256"`` -> ``(0, 256)``).
+
+    Raises:
+        ValueError: naming the option and an example.
+    """
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers like 4,256, got {text!r}") from None
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print an error for the user on one line (never wrapped, no markup read in it) and exit with ``code``
     (no traceback for bad input)."""

@@ -6,15 +6,11 @@ from typing import Optional
 
 import typer
 
-from dataengine.app.cli import app, console, emit_summary, fail, print_table, progress_bar
+from dataengine.app.cli import app, console, emit_summary, fail, parse_ints, print_table, progress_bar
 
-
-def _levels(text: str) -> tuple[int, ...]:
-    try:
-        levels = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--levels must be comma-separated integers like 4,256, got {text!r}") from None
-    return levels
+SAMPLE_HELP = ("Training rows of each level's k-means: k x P rows of its group, 0 = every row (up to "
+               "--max-sample-rows); one value per level, the last for deeper levels.")
+MAX_SAMPLE_HELP = "Rows at most of a k-means told to train on every row (0: no limit)."
 
 
 @app.command()
@@ -25,8 +21,8 @@ def cluster(
     pca: Optional[int] = typer.Option(256, "--pca", help="Whitened dimension (0: keep the feature dimension)."),
     niter: int = typer.Option(10, "--niter", help="Lloyd iterations per k-means."),
     seed: int = typer.Option(0, "--seed", help="Seed of samples, initialisation and splits."),
-    sample_per_centroid: int = typer.Option(256, "--sample-per-centroid",
-                                            help="Train on at most k x P rows per k-means (0: every row)."),
+    sample_per_centroid: str = typer.Option("0,256", "--sample-per-centroid", help=SAMPLE_HELP),
+    max_sample_rows: int = typer.Option(1 << 20, "--max-sample-rows", help=MAX_SAMPLE_HELP),
     balanced: bool = typer.Option(False, "--balanced", help="Children per parent proportional to its size."),
     neighbor_index: bool = typer.Option(True, "--neighbor-index/--no-neighbor-index",
                                         help="Also index all rows for `dataengine neighbors`."),
@@ -44,8 +40,9 @@ def cluster(
 
     try:
         config = ClusterConfig(
-            store=store, name=name, levels=_levels(levels), pca_dim=pca or None, num_iterations=niter, seed=seed,
-            sample_per_centroid=sample_per_centroid or None, balanced=balanced, neighbor_index=neighbor_index,
+            store=store, name=name, levels=parse_ints(levels, "--levels"), pca_dim=pca or None, num_iterations=niter,
+            seed=seed, sample_per_centroid=parse_ints(sample_per_centroid, "--sample-per-centroid"),
+            max_sample_rows=max_sample_rows or None, balanced=balanced, neighbor_index=neighbor_index,
             index_memory_bytes=int(index_memory_gb * (1 << 30)), num_threads=threads, overwrite=overwrite,
             storage_options=parse_storage_options(storage_options),
         )

@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from dataengine.app.cli import app, console, emit_summary, fail, print_table, progress_bar
+from dataengine.app.cli import app, console, emit_summary, fail, parse_ints, print_table, progress_bar
+from dataengine.app.cluster import MAX_SAMPLE_HELP, SAMPLE_HELP
 
 
 @app.command()
@@ -25,6 +26,8 @@ def train(
     reassign_every: int = typer.Option(3, "--reassign-every", help="Re-cluster every T epochs."),
     levels: str = typer.Option("4,64", "--levels", help="m,k (deepercluster) or k (deepcluster, clusterfit)."),
     pca: int = typer.Option(64, "--pca", help="Whitened dimension of the clusterings."),
+    sample_per_centroid: str = typer.Option("0,256", "--sample-per-centroid", help=SAMPLE_HELP),
+    max_sample_rows: int = typer.Option(1 << 20, "--max-sample-rows", help=MAX_SAMPLE_HELP),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per step and rank."),
     lr: float = typer.Option(0.05, "--lr", help="SGD learning rate (constant)."),
     weight_decay: float = typer.Option(1e-5, "--weight-decay", help="SGD weight decay."),
@@ -67,8 +70,9 @@ def train(
                             buffer_size=shuffle_buffer, shards_in_flight=shards_in_flight, copy_spread=copy_spread),
             model=ModelConfig(arch=arch, sobel=sobel, dropout=dropout, init=init),
             optim=OptimConfig(lr=lr, weight_decay=weight_decay),
-            clustering=ClusteringConfig(levels=tuple(int(v) for v in levels.split(",")), pca_dim=pca,
-                                        features_from=features_from),
+            clustering=ClusteringConfig(levels=parse_ints(levels, "--levels"), pca_dim=pca,
+                                        sample_per_centroid=parse_ints(sample_per_centroid, "--sample-per-centroid"),
+                                        max_sample_rows=max_sample_rows or None, features_from=features_from),
             schedule=ScheduleConfig(epochs=epochs, reassign_every=reassign_every, checkpoint_every=checkpoint_every,
                                     time_budget=time_budget, budget_clock=budget_clock),
             distributed=DistributedConfig(num_threads=threads),

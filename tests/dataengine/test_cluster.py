@@ -278,3 +278,23 @@ def test_bad_options_are_refused(store_url):
         run_cluster(_config(store_url, "big", pca_dim=10_000))
     with pytest.raises(ValueError, match="levels"):
         _config(store_url, "x", levels=(0,))
+
+
+def test_the_level0_kmeans_trains_on_every_row_by_default(tmp_path):
+    """The default trains level 0 on every row (the paper clusters the whole dataset), not on 4 x 256; the
+    levels below on 256 rows per centroid; a cap and explicit per-level samples are honoured and recorded."""
+    url = synthetic_store(str(tmp_path / "store"), num_rows=3000, chunk_rows=500)
+
+    def train_rows(name: str, **options) -> list[list[int]]:
+        run_cluster(ClusterConfig(store=url, name=name, levels=(4, 3), pca_dim=8, num_iterations=2, seed=0,
+                                  neighbor_index=False, num_threads=1, **options))
+        return [level["num_train_rows"] for level in open_clustering(open_store(url), name).attrs["levels"]]
+
+    by_default = train_rows("default")
+    assert by_default[0] == [3000] and max(by_default[1]) == 3 * 256  # a group of over 768 rows: sampled
+    assert train_rows("sampled", sample_per_centroid=(256, 100)) == [[1024], [300, 300, 300, 300]]
+    assert train_rows("capped", max_sample_rows=2000)[0] == [2000]
+    assert train_rows("flat", sample_per_centroid=16)[0] == [64]
+    assert open_clustering(open_store(url), "default").config["sample_per_centroid"] == [0, 256]
+    with pytest.raises(ValueError, match="sample_per_centroid"):
+        ClusterConfig(store=url, name="x", sample_per_centroid=(-1,))
