@@ -12,9 +12,12 @@ exists, a class label. This package holds the computations behind that report; r
 * :mod:`~dataengine.metrics.contingency` and :mod:`~dataengine.metrics.nmi` -- :class:`Contingency`
   accumulates a sparse (cluster, label) count table over row blocks, in time linear in rows and memory
   proportional to the number of non-empty pairs. Its NMI is sklearn's quantity with sklearn's conventions
-  (arithmetic mean of the entropies, natural log, special cases), so it equals
-  ``sklearn.metrics.normalized_mutual_info_score`` on the rows where both codes are present. Beside each NMI
-  goes a chance level: the NMI of a seeded random permutation of the cluster assignments.
+  (natural log, special cases), normalised by the geometric mean of the entropies as DeepCluster defines it
+  (``average_method="arithmetic"``: sklearn's default, the arithmetic mean), so it equals
+  ``sklearn.metrics.normalized_mutual_info_score`` with the same ``average_method`` on the rows where both
+  codes are present. Beside each NMI go a chance level (the NMI of a seeded random permutation of the cluster
+  assignments), the adjusted mutual information (:mod:`~dataengine.metrics.expected`: the expected mutual
+  information from the two marginals) and a flag for an NMI within noise of chance.
 * :mod:`~dataengine.metrics.profiles` -- per-cluster purity, landmark / single-user / device flags and size
   statistics.
 * :mod:`~dataengine.metrics.stream` -- :class:`ClusteringEvaluator` updates, per block of rows, one table per
@@ -37,14 +40,14 @@ from dataengine.metrics.labels import (
     categorical_codes, count_tags, device_labels, gps_cell_bounds, gps_cells, gps_grid_shape, hashtag_labels,
     least_frequent_tags, normalize_device,
 )
-from dataengine.metrics.nmi import AVERAGE_METHODS, NMIResult, finite_or_none
+from dataengine.metrics.nmi import AVERAGE_METHODS, DEFAULT_AVERAGE_METHOD, NOISE_SIGMAS, NMIResult, finite_or_none
 from dataengine.metrics.profiles import ClusterFlagConfig, ClusterProfiles, SizeStats, size_stats
 from dataengine.metrics.stream import (
     ClusteringEvaluator, cluster_profiles, consecutive_nmi, consecutive_pairs, metadata_nmi, nmi_sequence,
 )
 
 __all__ = [
-    "AVERAGE_METHODS", "DEFAULT_BLOCK_ROWS", "KIND_DEVICE", "KIND_GPS", "KIND_HASHTAG", "KIND_LABEL", "KIND_USER",
+    "AVERAGE_METHODS", "DEFAULT_AVERAGE_METHOD", "DEFAULT_BLOCK_ROWS", "NOISE_SIGMAS", "KIND_DEVICE", "KIND_GPS", "KIND_HASHTAG", "KIND_LABEL", "KIND_USER",
     "MAX_CODE", "METADATA_KINDS", "CategoricalEncoder", "ClusterFlagConfig", "ClusterProfiles", "ClusteringEvaluator",
     "Contingency", "NMIResult", "PurityTable", "SizeStats", "TagVocabulary", "categorical_codes", "cluster_profiles",
     "cluster_purity", "consecutive_nmi", "consecutive_pairs", "count_tags", "device_labels", "finite_or_none",

@@ -2,8 +2,9 @@
 
 :class:`Contingency` counts pairs in time linear in rows and memory proportional to the number of non-empty
 pairs. Its NMI is sklearn's quantity with sklearn's conventions, so it equals
-``sklearn.metrics.normalized_mutual_info_score`` on the rows where both codes are present; beside it goes a
-chance level, the NMI of a seeded random permutation of the cluster assignments.
+``sklearn.metrics.normalized_mutual_info_score`` (with the same ``average_method``; the default here is the
+papers' geometric mean) on the rows where both codes are present; beside it go a chance level, the NMI of a
+seeded random permutation of the cluster assignments, and the adjusted mutual information from the marginals.
 
 Codes are non-negative integers below ``2**31`` (cluster ids and label codes alike); negative ``-1`` marks a
 missing value. A pair is stored as the int64 key ``cluster << 32 | label``.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dataengine.metrics.nmi import (
-    AVERAGE_METHODS, NMIResult, _entropy, _mutual_info, _Summary, _sum_xlogx,
+    AVERAGE_METHODS, DEFAULT_AVERAGE_METHOD, NMIResult, _entropy, _mutual_info, _Summary, _sum_xlogx,
 )
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class Contingency:
         keys, counts = self._pairs.table()
         return keys >> _LABEL_BITS, keys & _LABEL_MASK, counts
 
-    def nmi(self, average_method: str = "arithmetic") -> float:
+    def nmi(self, average_method: str = DEFAULT_AVERAGE_METHOD) -> float:
         """Normalised mutual information, equal to sklearn's ``normalized_mutual_info_score``.
 
         Same conventions as sklearn: 1.0 when both partitions have a single class, 0.0 when only one
@@ -208,8 +209,9 @@ class Contingency:
         row has both codes, since there is nothing to compare.
 
         Args:
-            average_method: Mean of the two entropies used as normaliser: ``"arithmetic"`` (sklearn's
-                default and DeeperCluster's), ``"geometric"``, ``"min"`` or ``"max"``.
+            average_method: Mean of the two entropies used as normaliser: ``"geometric"`` (DeepCluster's
+                and DeeperCluster's definition, the default), ``"arithmetic"`` (sklearn's default), ``"min"``
+                or ``"max"``.
         """
         if average_method not in AVERAGE_METHODS:
             raise ValueError(f"average_method must be one of {AVERAGE_METHODS}, got {average_method!r}")
@@ -228,7 +230,8 @@ class Contingency:
     def _compute_summary(self) -> _Summary:
         keys, counts = self._pairs.table()
         if not keys.size:
-            return _Summary(0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0)
+            empty = np.zeros(0, np.int64)
+            return _Summary(0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, empty, empty)
         cluster_sums = _group_sums(keys >> _LABEL_BITS, counts)
         label_sums = _group_sums(keys & _LABEL_MASK, counts)
         rows = int(counts.sum())
@@ -238,7 +241,8 @@ class Contingency:
         else:
             mutual_info = _mutual_info(_sum_xlogx(counts), cluster_xlogx, label_xlogx, rows)
         return _Summary(rows, cluster_sums.size, label_sums.size, mutual_info,
-                        _entropy(cluster_sums), _entropy(label_sums), cluster_xlogx, label_xlogx)
+                        _entropy(cluster_sums), _entropy(label_sums), cluster_xlogx, label_xlogx,
+                        cluster_sums, label_sums, int(keys.size))
 
     def _permuted_blocks(self, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Blocks of (cluster, label) rows of a random clustering with the same cluster sizes.
@@ -274,7 +278,7 @@ class Contingency:
         result._rows_total = self._rows_total
         return result
 
-    def chance_nmi(self, seed: int = 0, average_method: str = "arithmetic") -> float:
+    def chance_nmi(self, seed: int = 0, average_method: str = DEFAULT_AVERAGE_METHOD) -> float:
         """NMI of a random clustering with the same cluster sizes: the chance level beside :meth:`nmi`.
 
         The labels of the rows used are shuffled with ``numpy.random.default_rng(seed).shuffle`` and
@@ -298,14 +302,33 @@ class Contingency:
         mutual_info = _mutual_info(cells_xlogx, summary.cluster_xlogx, summary.label_xlogx, summary.rows)
         return summary.nmi(mutual_info, average_method)
 
-    def result(self, *, chance_seed: int | None = 0, average_method: str = "arithmetic") -> NMIResult:
-        """NMI, chance level (skipped when ``chance_seed`` is None), mutual information and coverage."""
+    def ami(self, average_method: str = DEFAULT_AVERAGE_METHOD) -> float:
+        """Adjusted mutual information, equal to sklearn's ``adjusted_mutual_info_score`` (same
+        ``average_method``) on the rows where both codes are present (NaN if there are none). The expected
+        mutual information comes from the two marginals alone (:mod:`dataengine.metrics.expected`)."""
+        if average_method not in AVERAGE_METHODS:
+            raise ValueError(f"average_method must be one of {AVERAGE_METHODS}, got {average_method!r}")
+        summary = self._summarize()
+        return summary.ami(summary.expected_mutual_info(), average_method)
+
+    def result(self, *, chance_seed: int | None = 0, average_method: str = DEFAULT_AVERAGE_METHOD,
+               adjusted: bool = True) -> NMIResult:
+        """NMI (by ``average_method``, and both the geometric and the arithmetic one), chance level (skipped
+        when ``chance_seed`` is None), mutual information, adjusted mutual information (skipped when not
+        ``adjusted``), the noise of an NMI at chance, and coverage."""
+        if average_method not in AVERAGE_METHODS:
+            raise ValueError(f"average_method must be one of {AVERAGE_METHODS}, got {average_method!r}")
         summary = self._summarize()
         chance = math.nan if chance_seed is None else self.chance_nmi(chance_seed, average_method)
+        expected = summary.expected_mutual_info() if adjusted and summary.rows else math.nan
         return NMIResult(
             nmi=self.nmi(average_method), chance_nmi=chance, mutual_info=summary.mutual_info,
             rows_used=self._rows_used, rows_total=self._rows_total,
-            num_clusters=summary.num_clusters, num_labels=summary.num_labels,
+            num_clusters=summary.num_clusters, num_labels=summary.num_labels, average_method=average_method,
+            nmi_geometric=self.nmi("geometric"), nmi_arithmetic=self.nmi("arithmetic"),
+            expected_mutual_info=expected,
+            ami=summary.ami(expected, average_method) if adjusted else math.nan,
+            noise=summary.noise(average_method),
         )
 
     def purity(self) -> PurityTable:
@@ -329,7 +352,7 @@ class Contingency:
         )
 
 
-def nmi_score(labels_a: object, labels_b: object, *, average_method: str = "arithmetic") -> float:
+def nmi_score(labels_a: object, labels_b: object, *, average_method: str = DEFAULT_AVERAGE_METHOD) -> float:
     """NMI of two code arrays on the rows where both are present (-1 = missing).
 
     Equals ``sklearn.metrics.normalized_mutual_info_score`` on those rows (NaN if there are none); see

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from dataengine.metrics.contingency import DEFAULT_BLOCK_ROWS, Contingency, _as_codes, _SparseCounts
-from dataengine.metrics.nmi import NMIResult
+from dataengine.metrics.nmi import DEFAULT_AVERAGE_METHOD, NMIResult
 from dataengine.metrics.profiles import ClusterFlagConfig, ClusterProfiles, SizeStats, _flags, size_stats
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class ClusteringEvaluator:
         return {name: _as_codes(arrays[name], f"{what}[{name!r}]") for name in names}
 
     def nmi(self, *, chance_seed: int | None = 0,
-            average_method: str = "arithmetic") -> dict[str, dict[str, NMIResult]]:
-        """``result[clustering][kind]``: NMI, chance level (None skips it) and coverage."""
+            average_method: str = DEFAULT_AVERAGE_METHOD) -> dict[str, dict[str, NMIResult]]:
+        """``result[clustering][kind]``: NMI, chance level (None skips it), AMI and coverage."""
         results: dict[str, dict[str, NMIResult]] = {name: {} for name in self._scored}
         for (name, kind), table in self._tables.items():
             results[name][kind] = table.result(chance_seed=chance_seed, average_method=average_method)
@@ -100,7 +100,7 @@ class ClusteringEvaluator:
         return results
 
     def pair_nmi(self, *, chance_seed: int | None = None,
-                 average_method: str = "arithmetic") -> dict[tuple[str, str], NMIResult]:
+                 average_method: str = DEFAULT_AVERAGE_METHOD) -> dict[tuple[str, str], NMIResult]:
         """NMI between each compared pair of clusterings (on rows assigned in both)."""
         return {pair: table.result(chance_seed=chance_seed, average_method=average_method)
                 for pair, table in self._pairs.items()}

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import normalized_mutual_info_score as sk_nmi
+from sklearn.metrics import adjusted_mutual_info_score
+from sklearn.metrics import normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 from dataengine import metrics
@@ -23,7 +24,12 @@ from dataengine.metrics import (
 TOL = 1e-9
 
 
-def sk_present(clusters, labels, average_method="arithmetic"):
+def sk_nmi(labels, clusters, average_method="geometric"):
+    """sklearn's NMI with the papers' (and dataengine's default) normalisation unless told otherwise."""
+    return normalized_mutual_info_score(labels, clusters, average_method=average_method)
+
+
+def sk_present(clusters, labels, average_method="geometric"):
     """sklearn's NMI on the rows where both codes are present."""
     clusters, labels = np.asarray(clusters), np.asarray(labels)
     keep = (clusters >= 0) & (labels >= 0)
@@ -441,3 +447,61 @@ def test_evaluator_rejects_inconsistent_blocks():
         ClusteringEvaluator(["a", "a"], ["user"])
     with pytest.raises(ValueError, match="compare"):
         ClusteringEvaluator(["a"], ["user"], compare=[("a", "b")])
+
+
+# ---------------------------------------------------------------------------------------------- normalisation, AMI
+
+
+def test_geometric_nmi_by_hand():
+    """DeepCluster's NMI(A; B) = I(A; B) / sqrt(H(A) H(B)) on a 4-row table worked out by hand: A = {0, 0, 1, 1},
+    B = {0, 0, 0, 1}; cells (0,0) = 2, (1,0) = 1, (1,1) = 1 of 4 rows."""
+    clusters, labels = np.array([0, 0, 1, 1]), np.array([0, 0, 0, 1])
+    mutual = 0.5 * math.log(0.5 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.75)) + 0.25 * math.log(2)
+    h_a, h_b = math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert abs(nmi_score(clusters, labels) - mutual / math.sqrt(h_a * h_b)) < 1e-12
+    assert abs(nmi_score(clusters, labels) - 0.345592) < 1e-6  # 0.215762 / sqrt(0.693147 * 0.562335)
+    assert abs(nmi_score(clusters, labels, average_method="arithmetic") - mutual / ((h_a + h_b) / 2)) < 1e-12
+    result = Contingency()
+    result.update(clusters, labels)
+    both = result.result()
+    assert both.average_method == "geometric" and both.nmi == both.nmi_geometric > both.nmi_arithmetic
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("average_method", ["geometric", "arithmetic"])
+def test_ami_equals_sklearn(seed, average_method):
+    rng = np.random.default_rng(seed)
+    num_rows = int(rng.integers(20, 3000))
+    clusters, labels = planted(rng, num_rows, int(rng.integers(2, 120)), int(rng.integers(2, 80)),
+                               noise=float(rng.random()))
+    clusters[rng.random(num_rows) < 0.1] = -1  # missing codes: scored on the rows with both
+    table = Contingency()
+    table.update(clusters, labels)
+    keep = clusters >= 0
+    expected = adjusted_mutual_info_score(labels[keep], clusters[keep], average_method=average_method)
+    assert abs(table.ami(average_method) - expected) < TOL
+    assert abs(table.result(average_method=average_method).ami - expected) < TOL
+
+
+def test_ami_special_cases_follow_sklearn():
+    for clusters, labels in (([0, 0, 0], [1, 1, 1]), ([0, 0, 0], [0, 1, 2]), ([0, 1, 2], [0, 1, 2])):
+        table = Contingency()
+        table.update(np.array(clusters), np.array(labels))
+        assert table.ami() == pytest.approx(adjusted_mutual_info_score(labels, clusters, average_method="geometric"))
+    empty = Contingency()
+    empty.update(np.array([-1, 0]), np.array([3, -1]))
+    assert math.isnan(empty.ami())
+
+
+def test_an_nmi_within_noise_of_chance_is_flagged():
+    rng = np.random.default_rng(3)
+    independent = Contingency()
+    independent.update(rng.integers(0, 30, 4000), rng.integers(0, 20, 4000))
+    chance = independent.result()
+    assert chance.near_chance and abs(chance.ami) < 0.01 and chance.nmi > 0.02  # NMI is biased up, AMI is not
+    assert abs(chance.nmi - chance.chance_nmi) < 3 * chance.noise
+    associated = Contingency()
+    associated.update(*planted(rng, 4000, 30, 20, noise=0.8))
+    signal = associated.result()
+    assert not signal.near_chance and signal.ami > 0.02
+    assert signal.as_dict()["near_chance"] is False and chance.as_dict()["near_chance"] is True

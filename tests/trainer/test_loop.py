@@ -38,6 +38,12 @@ def test_deepercluster_logs_metrics_and_writes_an_embeddable_checkpoint(shards, 
         assert key in lines[0]
     assert set(lines[0]["clustering"]["nmi"]) >= {"user", "device", "gps", "hashtag"}
     assert "nmi_previous" in lines[1]["clustering"]
+    from dataengine.clustering import open_clustering
+    from dataengine.store import open_store
+
+    clustering = open_clustering(open_store(str(tmp_path / "run" / "features" / "epoch001")), "epoch001")
+    assert clustering.attrs["levels"][0]["num_train_rows"] == [160]  # level 0 on every row, not 2 x 256 at most
+    assert clustering.config["sample_per_centroid"] == [0, 256]
     state = torch.load(result.checkpoint, weights_only=True)
     assert state["arch"] == "small" and state["sobel"] is True and state["epoch"] == 2
     from dataengine.models import load_checkpoint
