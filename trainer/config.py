@@ -132,6 +132,9 @@ class ClusteringConfig:
     ``max_sample_rows``); one value per level, the last for the deeper levels (as ``dataengine cluster``)."""
     max_sample_rows: int | None = 1 << 20
     """Rows at most of a k-means told to train on every row (``None``: no limit)."""
+    nmi_average: str = "geometric"
+    """Normalisation of the NMI logged at every re-clustering: ``geometric`` (DeepCluster's definition) or
+    ``arithmetic`` (scikit-learn's default); both are logged whatever this is."""
     features_from: str | None = None
     """ClusterFit: checkpoint whose features are clustered (default: the model's ``init``), or a pretrained
     network as embed's ``--model`` takes it (``resnet50:IMAGENET1K_V2``, a TorchScript file, ``module:function``)."""
@@ -141,6 +144,10 @@ class ClusteringConfig:
             raise ValueError(f"levels={self.levels} must be one or more cluster counts >= 1")
         _at_least(self, 1, "kmeans_iterations")
         _at_least(self, 1, "pca_dim", "max_sample_rows", optional=True)
+        from dataengine.metrics.nmi import AVERAGE_METHODS
+
+        if self.nmi_average not in AVERAGE_METHODS:
+            raise ValueError(f"nmi_average={self.nmi_average!r} must be one of {', '.join(AVERAGE_METHODS)}")
         if not self.sample_per_centroid or min(self.sample_per_centroid) < 0:
             raise ValueError(f"sample_per_centroid={self.sample_per_centroid} must be one or more values >= 0")
 

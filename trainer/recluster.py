@@ -84,7 +84,7 @@ class Reclusterer:
 
         previous_url = self.store_url(previous.name) if previous else None
         return clustering_nmi(self.store_url(labels.name), labels.name, previous_url,
-                              previous.name if previous else None)
+                              previous.name if previous else None, average_method=self.config.clustering.nmi_average)
 
     def drop_unused(self, keep: set[str]) -> None:
         """Remove the feature stores (N x d floats each) and backbone snapshots of every clustering not named in

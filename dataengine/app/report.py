@@ -24,6 +24,8 @@ def report(
     gps_cell_deg: float = typer.Option(1.0, "--gps-cell-deg", help="Side of the GPS grid cells in degrees."),
     block_rows: int = typer.Option(1 << 20, "--block-rows", help="Rows read from the store at a time."),
     seed: int = typer.Option(0, "--seed", help="Seed of the chance levels and of the photos shown."),
+    nmi_average: str = typer.Option("geometric", "--nmi-average", help="Normalisation of the NMI: geometric "
+                                    "(I/sqrt(H(A)H(B)), DeepCluster's) or arithmetic (scikit-learn's default)."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
@@ -35,14 +37,16 @@ def report(
     try:
         config = ReportConfig(store=store, clustering=clustering, out=out, compare=tuple(compare or ()), level=level,
                               shards=shards, thumbnails=thumbnails, gps_cell_deg=gps_cell_deg, block_rows=block_rows,
-                              seed=seed, storage_options=parse_storage_options(storage_options))
+                              seed=seed, nmi_average=nmi_average,
+                              storage_options=parse_storage_options(storage_options))
         with progress_bar("report rows") as update:
             result = run_report(config, progress=update)
     except (ValueError, KeyError, DataEngineError, FileNotFoundError) as exc:
         fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
-    rows = [[kind, r.nmi, r.chance_nmi, r.coverage] for kind, r in result.nmi.items()]
-    print_table(f"{result.clustering} level {result.level}: {result.num_clusters} clusters, {result.num_rows} rows",
-                ["metric", "NMI", "chance NMI", "coverage"], rows)
+    rows = [[kind, r.nmi, r.chance_nmi, r.ami, "within noise" if r.near_chance else "", r.coverage]
+            for kind, r in result.nmi.items()]
+    print_table(f"{result.clustering} level {result.level}: {result.num_clusters} clusters, {result.num_rows} rows "
+                f"(NMI {config.nmi_average})", ["metric", "NMI", "chance NMI", "AMI", "vs chance", "coverage"], rows)
     if result.thumbnail_failures:
         console.print(f"[yellow]{len(result.thumbnail_failures)} photos could not be shown (see report.json)")
     console.print(f"report: {result.html}")

@@ -28,6 +28,8 @@ def train(
     pca: int = typer.Option(64, "--pca", help="Whitened dimension of the clusterings."),
     sample_per_centroid: str = typer.Option("0,256", "--sample-per-centroid", help=SAMPLE_HELP),
     max_sample_rows: int = typer.Option(1 << 20, "--max-sample-rows", help=MAX_SAMPLE_HELP),
+    nmi_average: str = typer.Option("geometric", "--nmi-average", help="Normalisation of the logged NMI: geometric "
+                                    "(DeepCluster's) or arithmetic (scikit-learn's default)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per step and rank."),
     lr: float = typer.Option(0.05, "--lr", help="SGD learning rate (constant)."),
     weight_decay: float = typer.Option(1e-5, "--weight-decay", help="SGD weight decay."),
@@ -72,7 +74,8 @@ def train(
             optim=OptimConfig(lr=lr, weight_decay=weight_decay),
             clustering=ClusteringConfig(levels=parse_ints(levels, "--levels"), pca_dim=pca,
                                         sample_per_centroid=parse_ints(sample_per_centroid, "--sample-per-centroid"),
-                                        max_sample_rows=max_sample_rows or None, features_from=features_from),
+                                        max_sample_rows=max_sample_rows or None, nmi_average=nmi_average,
+                                        features_from=features_from),
             schedule=ScheduleConfig(epochs=epochs, reassign_every=reassign_every, checkpoint_every=checkpoint_every,
                                     time_budget=time_budget, budget_clock=budget_clock),
             distributed=DistributedConfig(num_threads=threads),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dataengine.metrics import ClusterFlagConfig, NMIResult, SizeStats
+from dataengine.metrics import AVERAGE_METHODS, DEFAULT_AVERAGE_METHOD, ClusterFlagConfig, NMIResult, SizeStats
 
 FORMAT = "dataengine.report"
 VERSION = 1
@@ -43,6 +43,10 @@ class ReportConfig:
     """Rows read from the store at a time."""
     seed: int = 0
     """Seed of the chance levels and of the photos drawn for the grids."""
+    nmi_average: str = DEFAULT_AVERAGE_METHOD
+    """Normalisation of the headline NMI, its chance level and the AMI: ``geometric`` (``I / sqrt(H(A) H(B))``,
+    DeepCluster's definition) or ``arithmetic`` (``I / ((H(A) + H(B)) / 2)``, scikit-learn's default), or
+    ``min``/``max``; both the geometric and the arithmetic NMI are reported whatever this is."""
     flags: ClusterFlagConfig = field(default_factory=ClusterFlagConfig)
     """Thresholds of the landmark / single-user / device flags and of the purest-cluster choice."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +66,8 @@ class ReportConfig:
         for name in ("max_landmarks", "num_listed_clusters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.nmi_average not in AVERAGE_METHODS:
+            raise ValueError(f"nmi_average={self.nmi_average!r} must be one of {', '.join(AVERAGE_METHODS)}")
         if not 0 < self.gps_cell_deg <= 180:
             raise ValueError(f"gps_cell_deg must be in (0, 180] degrees, got {self.gps_cell_deg}")
 
@@ -138,7 +144,8 @@ class ReportResult:
     """Wall time of the report."""
 
     def summary(self) -> dict[str, Any]:
-        """The ``--json`` summary: ``nmi`` (kind -> nmi, chance, coverage), ``html`` and headline figures."""
+        """The ``--json`` summary: ``nmi`` (kind -> nmi, chance, ami, near_chance, coverage), ``html`` and headline
+        figures."""
         return {
             "nmi": {kind: _headline(result) for kind, result in self.nmi.items()},
             "levels": {str(level): {kind: _headline(r) for kind, r in by_kind.items()}
@@ -152,6 +159,7 @@ class ReportResult:
         }
 
 
-def _headline(result: NMIResult) -> dict[str, float | None]:
+def _headline(result: NMIResult) -> dict[str, float | bool | None]:
     values = result.as_dict()
-    return {"nmi": values["nmi"], "chance": values["chance_nmi"], "coverage": values["coverage"]}
+    return {"nmi": values["nmi"], "chance": values["chance_nmi"], "ami": values["ami"],
+            "near_chance": values["near_chance"], "coverage": values["coverage"]}

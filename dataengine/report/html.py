@@ -176,11 +176,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], text_columns: i
 
 
 def _nmi_rows(by_kind: dict[str, dict[str, Any]], kinds: Sequence[str]) -> list[list[Any]]:
-    return [[kind, r["nmi"], r["chance_nmi"], r["coverage"], r["rows_used"], r["num_clusters"], r["num_labels"]]
+    return [[kind, r["nmi"], r["chance_nmi"], "within noise" if r.get("near_chance") else "", r.get("ami"),
+             r.get("nmi_geometric"), r.get("nmi_arithmetic"), r["coverage"], r["rows_used"], r["num_clusters"],
+             r["num_labels"]]
             for kind in kinds for r in [by_kind[kind]]]
 
 
-_NMI_HEADER = ["metadata", "NMI", "chance NMI", "coverage", "rows used", "clusters", "values"]
+_NMI_HEADER = ["metadata", "NMI", "chance NMI", "vs chance", "AMI", "NMI geometric", "NMI arithmetic", "coverage",
+               "rows used", "clusters", "values"]
+
+
+def _near_chance_warnings(by_kind: dict[str, dict[str, Any]], kinds: Sequence[str]) -> str:
+    """One warning line per kind whose NMI is within noise of its chance level."""
+    lines = [f"NMI with {kind} ({_fmt(r['nmi'])}) is within noise of its chance level ({_fmt(r['chance_nmi'])}; "
+             f"AMI {_fmt(r.get('ami'))}): this clustering shows no association with {kind} beyond chance."
+             for kind in kinds for r in [by_kind[kind]] if r.get("near_chance")]
+    return "".join(f'<p class="warning">{_esc(line)}</p>' for line in lines)
 
 
 def _img(name: str, images: dict[str, bytes], alt: str, css: str = "plot") -> str:
@@ -203,7 +214,15 @@ def _nmi_section(report: dict[str, Any], images: dict[str, bytes]) -> str:
     kinds = report["kinds"]
     if not kinds:
         return "<h2>NMI</h2><p>The store holds no metadata to compare the clustering with.</p>"
-    parts = [f"<h2>NMI, level {report['level']}</h2>", _table(_NMI_HEADER, _nmi_rows(report["nmi"], kinds))]
+    average = report.get("config", {}).get("nmi_average", "geometric")
+    normaliser = {"geometric": "I / sqrt(H(A) H(B)), as DeepCluster defines it",
+                  "arithmetic": "I / ((H(A) + H(B)) / 2), scikit-learn's default"}.get(average, f"the {average} entropy")
+    parts = [f"<h2>NMI, level {report['level']}</h2>",
+             f'<p class="sub">NMI normalised by {_esc(normaliser)}; chance NMI: a seeded permutation of the '
+             "clusters; AMI: adjusted for the mutual information expected by chance (0 at chance, 1 for the same "
+             "partition); within noise: less than 3 standard deviations of independent partitions above "
+             "chance</p>",
+             _near_chance_warnings(report["nmi"], kinds), _table(_NMI_HEADER, _nmi_rows(report["nmi"], kinds))]
     if len(report["levels"]) > 1:
         rows = [[f"level {level}"] + [by_kind[kind]["nmi"] for kind in kinds]
                 for level, by_kind in sorted(report["level_nmi"].items(), key=lambda item: int(item[0]))]

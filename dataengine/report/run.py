@@ -80,7 +80,8 @@ def _compute(store: FeatureStore, labels: StoreLabels, blocks: list[tuple[int, i
     for line in warnings:
         logger.warning("%s", line)
     return _Computed(main=main, levels=clustering.levels, kinds=labels.kinds,
-                     nmi=evaluator.nmi(chance_seed=config.seed), pairs=evaluator.pair_nmi(), sequence=sequence,
+                     nmi=evaluator.nmi(chance_seed=config.seed, average_method=config.nmi_average),
+                     pairs=evaluator.pair_nmi(average_method=config.nmi_average), sequence=sequence,
                      profiles=profiles, size_stats=evaluator.size_stats(main.label, main.num_clusters),
                      warnings=warnings)
 

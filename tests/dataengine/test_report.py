@@ -93,7 +93,17 @@ def test_planted_clustering_is_above_chance_and_random_is_at_chance(corpus, full
         assert found.nmi > found.chance_nmi + 0.15, (kind, found)
         assert abs(noise.nmi - noise.chance_nmi) < 0.03, (kind, noise)
         assert found.coverage == noise.coverage and 0.5 < found.coverage <= 1.0
+        assert noise.near_chance and not found.near_chance and found.ami > 0.1 > abs(noise.ami)
+        assert found.average_method == "geometric" and found.nmi == found.nmi_geometric >= found.nmi_arithmetic
     assert planted.nmi["user"].coverage == 1.0 and planted.nmi["gps"].coverage < 1.0  # photos without GPS
+    page = open(random.html, encoding="utf-8").read()
+    assert "is within noise of its chance level" in page
+    assert "is within noise of its chance level" not in open(planted.html, encoding="utf-8").read()
+    arithmetic = run_report(report_config(corpus, tmp_path / "a", nmi_average="arithmetic"))
+    for kind in KINDS:
+        assert arithmetic.nmi[kind].nmi == pytest.approx(planted.nmi[kind].nmi_arithmetic, abs=1e-12)
+    with pytest.raises(ValueError, match="nmi_average"):
+        report_config(corpus, tmp_path, nmi_average="harmonic")
 
 
 def test_streaming_blocks_equal_the_in_memory_metrics(corpus, full_report, tmp_path):
@@ -131,7 +141,7 @@ def test_level_choice_and_compared_clusterings(corpus, tmp_path):
     assert pairs["planted/level0", "planted-relabelled/level0"] < 1.0  # relabelled classes regroup differently
     assert pairs["planted/level0", "random/level0"] < 0.05
     summary = json.loads(json.dumps(coarse.summary()))
-    assert set(summary["nmi"]) == set(KINDS) and set(summary["nmi"]["user"]) == {"nmi", "chance", "coverage"}
+    assert set(summary["nmi"]) == set(KINDS) and set(summary["nmi"]["user"]) == {"nmi", "chance", "ami", "near_chance", "coverage"}
     assert summary["html"] == coarse.html and os.path.exists(summary["html"])
 
 

@@ -46,6 +46,14 @@ def test_nmi_equals_the_in_memory_metrics_on_the_leaf_level(tmp_path, table, met
         assert found["nmi"][kind]["nmi"] == pytest.approx(result.nmi, abs=1e-12)
         assert found["nmi"][kind]["chance"] == chance[kind].chance_nmi
         assert found["nmi"][kind]["coverage"] == result.coverage < 1
+        assert found["nmi"][kind]["nmi"] == found["nmi"][kind]["nmi_geometric"]  # DeepCluster's normalisation
+        assert found["nmi"][kind]["nmi_arithmetic"] == pytest.approx(
+            metrics.nmi_score(leaf, labels[kind], average_method="arithmetic"), abs=1e-12)
+        assert found["nmi"][kind]["ami"] == pytest.approx(result.ami, abs=1e-12)
+        assert isinstance(found["nmi"][kind]["near_chance"], bool)
+    assert found["nmi_average"] == "geometric"
+    arithmetic = clustering_nmi(str(tmp_path / "now"), "epoch001", average_method="arithmetic")
+    assert arithmetic["nmi"]["user"]["nmi"] == found["nmi"]["user"]["nmi_arithmetic"]
     both = (leaf >= 0) & (previous >= 0)
     assert found["nmi_previous"] == pytest.approx(metrics.nmi_score(leaf[both], previous[both]), abs=1e-12)
     assert found["num_clusters"] == int(leaf.max()) + 1
