@@ -44,6 +44,10 @@ class ClusterConfig:
     """Clusters per level: ``(m, k)`` = m super-clusters, each split into k."""
     pca_dim: int | None = 256
     """Whitened dimension; ``None`` keeps the feature dimension."""
+    whiten: bool = True
+    """PCA-whiten and l2-normalise the features (DeepCluster's and DeeperCluster's preprocessing); ``False``:
+    k-means on the features as they are (projected on their top ``pca_dim`` principal components, unscaled
+    and not normalised; ``pca_dim=None``: a rotation, distances unchanged), as ClusterFit clusters them."""
     num_iterations: int = 10
     """Lloyd iterations per k-means (the paper uses 10)."""
     seed: int = 0
@@ -243,7 +247,8 @@ def _fit(features: Any, lo: int, hi: int, config: ClusterConfig, reducer: Any,
 
     block = features.chunks[0]
     raw = ArrayDataset(features, block_rows=block, start=lo, stop=hi)
-    pca = fit_pca_whitening(raw, PCAConfig(num_components=config.pca_dim), reducer=reducer, progress=progress)
+    pca = fit_pca_whitening(raw, PCAConfig(num_components=config.pca_dim, whiten=config.whiten,
+                                           normalize=config.whiten), reducer=reducer, progress=progress)
     whitened = ArrayDataset(features, block_rows=block, start=lo, stop=hi, transform=pca.apply,
                             transform_dim=pca.output_dim)
     kmeans = HierarchicalKMeansConfig(levels=tuple(config.levels), num_iterations=config.num_iterations,

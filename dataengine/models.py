@@ -161,8 +161,9 @@ def _vgg16_bn_body(in_channels: int) -> nn.Module:
     model = torchvision.models.vgg16_bn(weights=None)
     if in_channels != 3:
         model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)
-    # Keep fc6, ReLU, Dropout, fc7, ReLU, Dropout: the trainer puts its own head on top.
-    model.classifier = model.classifier[:6]
+    # Keep fc6, ReLU, Dropout, fc7, ReLU, as DeeperCluster's VGG-16 does: no dropout after fc7 (torchvision's
+    # classifier[5]); the trainer puts its own head on top, with a dropout only when asked (--dropout).
+    model.classifier = model.classifier[:5]
     return model
 
 

@@ -31,6 +31,9 @@ class PCAConfig:
     near-null directions (dead features) instead of dividing by ~0."""
     normalize: bool = True
     """l2-normalise each row after whitening (as DeeperCluster does)."""
+    whiten: bool = True
+    """Divide each component by the square root of its eigenvalue; ``False`` only projects (centred and
+    rotated, on every component: distances unchanged)."""
 
     def __post_init__(self) -> None:
         if self.num_components is not None and self.num_components < 1:
@@ -53,9 +56,13 @@ class PCAWhitening:
     normalize: bool
     total_variance: float = 0.0
     """Sum of all eigenvalues of the input covariance (for the explained-variance ratio)."""
+    whiten: bool = True
+    """Components scaled to unit variance (``False``: a plain projection)."""
 
     def __post_init__(self) -> None:
         scale = 1.0 / np.sqrt(self.eigenvalues + self.epsilon * max(float(self.eigenvalues.max(initial=0.0)), 0.0))
+        if not self.whiten:
+            scale = np.ones_like(self.eigenvalues)
         self._projection = np.ascontiguousarray((self.components.T * scale).astype(np.float32))
         self._offset = (self.mean @ self.components.T * scale).astype(np.float32)
 
@@ -87,13 +94,15 @@ class PCAWhitening:
             "mean": self.mean,
             "components": self.components,
             "eigenvalues": self.eigenvalues,
-            "params": np.array([self.epsilon, float(self.normalize), self.total_variance]),
+            "params": np.array([self.epsilon, float(self.normalize), self.total_variance, float(self.whiten)]),
         }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PCAWhitening:
         """Inverse of :meth:`to_arrays`."""
-        epsilon, normalize, total = (float(v) for v in np.asarray(arrays["params"]))
+        params = [float(v) for v in np.asarray(arrays["params"])]
+        epsilon, normalize, total = params[:3]
+        whiten = params[3] if len(params) > 3 else 1.0  # stored before the plain projection existed
         return cls(
             mean=np.asarray(arrays["mean"], dtype=np.float64),
             components=np.asarray(arrays["components"], dtype=np.float64),
@@ -101,6 +110,7 @@ class PCAWhitening:
             epsilon=epsilon,
             normalize=bool(normalize),
             total_variance=total,
+            whiten=bool(whiten),
         )
 
     def to_dict(self) -> dict:
@@ -111,6 +121,7 @@ class PCAWhitening:
             "output_dim": self.output_dim,
             "epsilon": self.epsilon,
             "normalize": self.normalize,
+            "whiten": self.whiten,
             "explained_variance_ratio": kept / self.total_variance if self.total_variance > 0 else 1.0,
         }
 
@@ -156,6 +167,7 @@ def fit_pca_whitening(
         epsilon=config.epsilon,
         normalize=config.normalize,
         total_variance=float(np.maximum(eigenvalues, 0.0).sum()),
+        whiten=config.whiten,
     )
 
 

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MODES = ("deepercluster", "deepcluster", "rotnet", "clusterfit")
+DEFAULT_WHITENED_DIM = 64
+"""Dimension of the whitened features the k-means sees by default."""
 BUDGET_CLOCKS = ("wall", "cpu")
 
 
@@ -40,8 +42,9 @@ class DataConfig:
     """Side of the training crops and of the embedding center crops."""
     resize_size: int | None = None
     """Shorter side before the embedding's center crop (default: image_size * 8 / 7, or image_size <= 64)."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """Area range of the random-resized crops."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area range of the random-resized crops (torchvision's ``RandomResizedCrop`` default, which the reference
+    implementations use)."""
     batch_size: int = 64
     """Samples per step and rank."""
     workers: int = 1
@@ -55,8 +58,9 @@ class DataConfig:
     copy_spread: int = 4
     """Shuffle blocks over which the copies of a row repeated by the balanced sampling (rows of small
     clusters) are spread, instead of all falling in the block the row was read in."""
-    balanced_sampling: bool = True
-    """Draw every cluster about equally often (not for rotnet)."""
+    balanced_sampling: bool | None = None
+    """Draw every cluster about equally often (DeepCluster's uniform sampling over clusters; not for rotnet).
+    ``None``: the mode's default, on except for clusterfit (ClusterFit samples images, not clusters)."""
     samples_per_epoch: int | None = None
     """Expected samples per epoch over all ranks with balanced sampling (default: the dataset size)."""
 
@@ -82,10 +86,12 @@ class ModelConfig:
 
     arch: str = "small"
     """Backbone architecture (``small``, ``vgg16_bn``, ``resnet18``, ``resnet50``)."""
-    sobel: bool = True
-    """Fixed grayscale + Sobel input layer (as in the paper)."""
+    sobel: bool | None = None
+    """Fixed grayscale + Sobel input layer (DeepCluster, DeeperCluster). ``None``: the mode's default, on except
+    for clusterfit (ClusterFit trains on RGB images)."""
     dropout: float = 0.0
-    """Dropout before the heads."""
+    """Dropout on the features before the heads (after vgg16_bn's fc7 ReLU, which the reference ends with no
+    dropout)."""
     init: str | None = None
     """Checkpoint to initialise the backbone from (e.g. a RotNet run, as the paper does)."""
 
@@ -123,8 +129,13 @@ class ClusteringConfig:
 
     levels: tuple[int, ...] = (4, 64)
     """Clusters per level: ``(m, k)`` for deepercluster, ``(k,)`` for deepcluster/clusterfit."""
-    pca_dim: int | None = 64
-    """Whitened dimension for the clusterings."""
+    pca_dim: int | None = None
+    """Dimension the features are projected on before the k-means (0: every dimension). ``None``: the mode's
+    default, 64 with whitening, every dimension without (clusterfit)."""
+    whiten: bool | None = None
+    """PCA-whiten and l2-normalise the features before the k-means (DeepCluster, DeeperCluster). ``None``: the
+    mode's default, on except for clusterfit (ClusterFit runs k-means on the network's features as they
+    are)."""
     kmeans_iterations: int = 10
     """Lloyd iterations per k-means."""
     sample_per_centroid: tuple[int, ...] = (0, 256)
@@ -143,7 +154,8 @@ class ClusteringConfig:
         if not self.levels or any(k < 1 for k in self.levels):
             raise ValueError(f"levels={self.levels} must be one or more cluster counts >= 1")
         _at_least(self, 1, "kmeans_iterations")
-        _at_least(self, 1, "pca_dim", "max_sample_rows", optional=True)
+        _at_least(self, 0, "pca_dim", optional=True)
+        _at_least(self, 1, "max_sample_rows", optional=True)
         from dataengine.metrics.nmi import AVERAGE_METHODS
 
         if self.nmi_average not in AVERAGE_METHODS:
@@ -224,6 +236,7 @@ class TrainConfig:
                 raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} must be one of {', '.join(MODES)}")
+        self._resolve_mode_defaults()
         if self.seed < 0:
             raise ValueError(f"seed={self.seed} must be >= 0")
         levels = self.clustering.levels
@@ -233,6 +246,22 @@ class TrainConfig:
             raise ValueError(f"{self.mode} clusters flat: give --levels k (one level), got {levels}")
         if self.mode == "clusterfit" and not self.features_checkpoint:
             raise ValueError("clusterfit clusters the features of a given network: pass --features-from CKPT")
+
+    def _resolve_mode_defaults(self) -> None:
+        """Fill the options left to the mode (``None``): DeepCluster's additions (Sobel input, whitening,
+        cluster-balanced sampling) for every mode but clusterfit, which ClusterFit does not define."""
+        faithful_clusterfit = self.mode == "clusterfit"
+        model, data, clustering = self.model, self.data, self.clustering
+        if model.sobel is None:
+            model = dataclasses.replace(model, sobel=not faithful_clusterfit)
+        if data.balanced_sampling is None:
+            data = dataclasses.replace(data, balanced_sampling=not faithful_clusterfit)
+        if clustering.whiten is None:
+            clustering = dataclasses.replace(clustering, whiten=not faithful_clusterfit)
+        if clustering.pca_dim is None:
+            clustering = dataclasses.replace(clustering, pca_dim=DEFAULT_WHITENED_DIM if clustering.whiten else 0)
+        for name, section in (("model", model), ("data", data), ("clustering", clustering)):
+            object.__setattr__(self, name, section)
 
     @property
     def features_checkpoint(self) -> str | None:

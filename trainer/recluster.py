@@ -70,6 +70,7 @@ class Reclusterer:
         self.milestone("recluster.embedded")
         pca_dim = min(clustering.pca_dim or feature_dim, feature_dim)
         run_cluster(ClusterConfig(store=store, name=name, levels=tuple(clustering.levels), pca_dim=pca_dim,
+                                  whiten=clustering.whiten,
                                   num_iterations=clustering.kmeans_iterations, seed=config.seed + epoch,
                                   sample_per_centroid=clustering.sample_per_centroid,
                                   max_sample_rows=clustering.max_sample_rows,

@@ -19,6 +19,8 @@ def cluster(
     name: str = typer.Option(..., "--name", help="Name of the clustering (stored in the feature store)."),
     levels: str = typer.Option("4,256", "--levels", help="Clusters per level: m,k = m super-clusters x k."),
     pca: Optional[int] = typer.Option(256, "--pca", help="Whitened dimension (0: keep the feature dimension)."),
+    whiten: bool = typer.Option(True, "--whiten/--no-whiten", help="PCA-whiten and l2-normalise the features "
+                                "(DeepCluster); --no-whiten: k-means on the features as they are (ClusterFit)."),
     niter: int = typer.Option(10, "--niter", help="Lloyd iterations per k-means."),
     seed: int = typer.Option(0, "--seed", help="Seed of samples, initialisation and splits."),
     sample_per_centroid: str = typer.Option("0,256", "--sample-per-centroid", help=SAMPLE_HELP),
@@ -40,7 +42,8 @@ def cluster(
 
     try:
         config = ClusterConfig(
-            store=store, name=name, levels=parse_ints(levels, "--levels"), pca_dim=pca or None, num_iterations=niter,
+            store=store, name=name, levels=parse_ints(levels, "--levels"), pca_dim=pca or None, whiten=whiten,
+            num_iterations=niter,
             seed=seed, sample_per_centroid=parse_ints(sample_per_centroid, "--sample-per-centroid"),
             max_sample_rows=max_sample_rows or None, balanced=balanced, neighbor_index=neighbor_index,
             index_memory_bytes=int(index_memory_gb * (1 << 30)), num_threads=threads, overwrite=overwrite,

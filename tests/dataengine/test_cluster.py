@@ -298,3 +298,18 @@ def test_the_level0_kmeans_trains_on_every_row_by_default(tmp_path):
     assert open_clustering(open_store(url), "default").config["sample_per_centroid"] == [0, 256]
     with pytest.raises(ValueError, match="sample_per_centroid"):
         ClusterConfig(store=url, name="x", sample_per_centroid=(-1,))
+
+
+def test_without_whitening_the_kmeans_sees_the_features_as_they_are(tmp_path):
+    """ClusterFit's clustering: no whitening nor l2-normalisation (and every dimension): the stored transform
+    only centres and rotates, so the k-means runs on the features' own geometry."""
+    url = synthetic_store(str(tmp_path / "store"), num_rows=400, chunk_rows=100)
+    run_cluster(ClusterConfig(store=url, name="raw", levels=(5,), pca_dim=None, whiten=False, num_iterations=3,
+                              neighbor_index=False, num_threads=1))
+    clustering = open_clustering(open_store(url), "raw")
+    pca = clustering.pca()
+    assert not pca.whiten and not pca.normalize and clustering.config["whiten"] is False
+    rows = open_store(url).features[:50].astype(np.float64)
+    out = pca.apply(rows).astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(out[:, None] - out[None], axis=-1),
+                               np.linalg.norm(rows[:, None] - rows[None], axis=-1), rtol=1e-4, atol=1e-4)

@@ -46,6 +46,9 @@ def test_default_feature_is_the_documented_tensor(arch, dim):
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
     if arch == "vgg16_bn":
         assert (features < 0).any(), "fc7 is taken before the ReLU, so it has negative values"
+        # As DeeperCluster's VGG-16: fc6, ReLU, Dropout, fc7, ReLU, and no dropout after fc7.
+        kinds = [type(layer).__name__ for layer in backbone.body.classifier]
+        assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU"]
 
 
 def test_named_layer_is_global_average_pooled():

@@ -59,3 +59,19 @@ def test_bad_options_are_refused():
         PCAConfig(num_components=0)
     with pytest.raises(ValueError, match="exceeds"):
         fit_pca_whitening(ArrayDataset(np.zeros((5, 3), dtype=np.float32)), PCAConfig(num_components=4))
+
+
+def test_without_whitening_the_transform_is_a_rotation_and_keeps_distances():
+    """ClusterFit clusters the features as they are: centred and rotated on every component, not scaled nor
+    normalised, pairwise distances (hence the k-means) are unchanged; the flag survives storage, and a transform
+    stored before it existed reads as whitened."""
+    rows = _correlated(seed=4)
+    plain = fit_pca_whitening(ArrayDataset(rows), PCAConfig(num_components=None, whiten=False, normalize=False))
+    out = plain.apply(rows[:40]).astype(np.float64)
+    distances = np.linalg.norm(rows[:40, None] - rows[None, :40], axis=-1)
+    np.testing.assert_allclose(np.linalg.norm(out[:, None] - out[None], axis=-1), distances, rtol=1e-4, atol=1e-4)
+    again = PCAWhitening.from_arrays({k: np.array(v) for k, v in plain.to_arrays().items()})
+    assert not again.whiten and again.to_dict() == plain.to_dict()
+    whitened = fit_pca_whitening(ArrayDataset(rows), PCAConfig(num_components=None))
+    old = dict(whitened.to_arrays(), params=whitened.to_arrays()["params"][:3])
+    assert PCAWhitening.from_arrays(old).whiten

@@ -53,7 +53,10 @@ def test_field_names_are_unique_over_the_sections():
     (lambda: OptimConfig(weight_decay=-1), "weight_decay=-1"),
     (lambda: ClusteringConfig(levels=()), "levels"),
     (lambda: ClusteringConfig(levels=(4, 0)), "levels"),
-    (lambda: ClusteringConfig(pca_dim=0), "pca_dim=0"),
+    (lambda: ClusteringConfig(pca_dim=-1), "pca_dim=-1"),
+    (lambda: ClusteringConfig(nmi_average="harmonic"), "nmi_average"),
+    (lambda: ClusteringConfig(sample_per_centroid=(-1,)), "sample_per_centroid"),
+    (lambda: DataConfig(shards="x", shards_in_flight=0), "shards_in_flight"),
     (lambda: ScheduleConfig(epochs=0), "epochs=0"),
     (lambda: ScheduleConfig(budget_clock="gpu"), "budget_clock"),
     (lambda: ScheduleConfig(time_budget=0), "time_budget=0"),
@@ -90,3 +93,24 @@ def test_the_stored_form_is_by_section_and_leaves_out_storage_options():
     assert set(stored) == {"out", "mode", "seed", *SECTIONS}
     assert stored["data"]["shards"] == "in" and "storage_options" not in stored["data"]
     assert "s3cr3t" not in json.dumps(stored)
+
+
+@pytest.mark.parametrize("mode", ["deepercluster", "deepcluster", "rotnet", "clusterfit"])
+def test_mode_defaults_are_faithful_to_each_method(mode):
+    """ClusterFit defines no Sobel input, whitening or cluster-balanced sampling (DeepCluster's additions): off by
+    default for that mode only; explicit values win; the crops' smallest scale is the reference's 0.08."""
+    levels = (4, 8) if mode == "deepercluster" else (8,)
+    config = TrainConfig.from_flat({"shards": "in", "out": "run", "mode": mode, "levels": levels,
+                                    "features_from": "pre.pt"})
+    deepcluster_additions = mode != "clusterfit"
+    assert config.model.sobel is deepcluster_additions
+    assert config.data.balanced_sampling is deepcluster_additions
+    assert config.clustering.whiten is deepcluster_additions
+    assert config.clustering.pca_dim == (64 if deepcluster_additions else 0)
+    assert config.data.crop_scale == (0.08, 1.0) and config.model.dropout == 0.0
+    explicit = TrainConfig.from_flat({"shards": "in", "out": "run", "mode": mode, "levels": levels,
+                                      "features_from": "pre.pt", "sobel": True, "balanced_sampling": True,
+                                      "whiten": True, "pca_dim": 32})
+    assert (explicit.model.sobel, explicit.data.balanced_sampling, explicit.clustering.whiten,
+            explicit.clustering.pca_dim) == (True, True, True, 32)
+    assert json.loads(json.dumps(config.to_dict()))["model"]["sobel"] is deepcluster_additions  # stored resolved

@@ -96,6 +96,11 @@ def test_other_modes_log_their_fields_and_checkpoint_their_head(shards, tmp_path
     if mode == "clusterfit":  # the features of the given network, not of the one being trained
         assert embedded_with == weights_digest(load_checkpoint(init))
         assert not list((tmp_path / mode).glob("backbone-*.pt"))
+        # ClusterFit as its paper defines it: none of DeepCluster's additions (Sobel, whitening, balancing).
+        from dataengine.clustering import open_clustering
+
+        assert state["sobel"] is False and not open_clustering(store, "epoch000").pca().whiten
+        assert json.loads(state["config"])["data"]["balanced_sampling"] is False
     else:
         assert embedded_with == weights_digest(load_checkpoint(str(tmp_path / mode / "backbone-epoch000.pt")))
 
