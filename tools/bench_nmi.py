@@ -8,8 +8,14 @@ per method: median wall and CPU time over all runs, and the peak resident memory
 resident memory once the input arrays exist (Linux ``/proc/self/clear_refs`` resets the high-water mark;
 elsewhere a 5 ms RSS sampler approximates it). The speed-up is sklearn's median over ours, same run.
 
-    python tools/bench_nmi.py                     # ~2 min: 2 rounds of ours x3, sklearn x1, chance x3
+Both sides normalise by the geometric mean of the entropies (DeepCluster's NMI, dataengine's default).
+``ours+ami`` adds the adjusted mutual information (expected MI from the marginals, over distinct class sizes);
+``sklearn+ami`` is scikit-learn's ``adjusted_mutual_info_score``, whose expected MI is quadratic in the numbers
+of classes: not in the default methods (at 100k x 100k classes it does not finish), ask for it on small data.
+
+    python tools/bench_nmi.py                     # ~3 min: 2 rounds of ours x3, sklearn x1, chance x3, ami x3
     python tools/bench_nmi.py --rows 1000000 --clusters 10000 --labels 10000 --json
+    python tools/bench_nmi.py --rows 100000 --clusters 1000 --labels 1000 --methods ours+ami,sklearn+ami
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import time
 
 import numpy as np
 
-METHODS = ("ours", "sklearn", "ours+chance")
+METHODS = ("ours", "sklearn", "ours+chance", "ours+ami", "sklearn+ami")
+DEFAULT_METHODS = ("ours", "sklearn", "ours+chance", "ours+ami")
 
 
 def make_data(rows: int, clusters: int, labels: int, noise: float,
@@ -95,7 +102,12 @@ def run_worker(args: argparse.Namespace) -> dict:
         from sklearn.metrics import normalized_mutual_info_score
 
         def compute() -> tuple[float, float | None]:
-            return normalized_mutual_info_score(labels, clusters), None
+            return normalized_mutual_info_score(labels, clusters, average_method="geometric"), None
+    elif args.worker == "sklearn+ami":
+        from sklearn.metrics import adjusted_mutual_info_score
+
+        def compute() -> tuple[float, float | None]:
+            return adjusted_mutual_info_score(labels, clusters, average_method="geometric"), None
     else:
         from dataengine.metrics import Contingency
 
@@ -103,11 +115,13 @@ def run_worker(args: argparse.Namespace) -> dict:
             table = Contingency()
             table.update(clusters, labels)
             if args.worker == "ours+chance":
-                result = table.result(chance_seed=0)
+                result = table.result(chance_seed=0, adjusted=False)
                 return result.nmi, result.chance_nmi
+            if args.worker == "ours+ami":
+                return table.ami(), None
             return table.nmi(), None
 
-    repeats = args.sklearn_repeats if args.worker == "sklearn" else args.repeats
+    repeats = args.sklearn_repeats if args.worker.startswith("sklearn") else args.repeats
     gc.collect()
     memory = PeakMemory()
     memory.start()
@@ -153,7 +167,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of ours (median reported)")
     parser.add_argument("--sklearn-repeats", type=int, default=1, help="timed runs of sklearn (slow)")
     parser.add_argument("--rounds", type=int, default=2, help="turns of every method (medians pool them)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--json", action="store_true", help="print one JSON line last")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,9 +181,10 @@ def main() -> None:
             runs[method].append(run_method(method, args))
     results = {method: pool(method_runs) for method, method_runs in runs.items()}
     for method, r in results.items():
+        label = "ami" if method.endswith("+ami") else "nmi"
         print(f"{method:12s} median {r['median_s']:7.3f} s (cpu {r['median_cpu_s']:7.3f} s)  "
               f"runs {[round(t, 2) for t in r['times_s']]}  peak +{r['peak_bytes'] / 2**20:7.1f} MiB  "
-              f"nmi {r['nmi']:.12f}" + ("" if r["chance_nmi"] is None else f"  chance {r['chance_nmi']:.6f}"))
+              f"{label} {r['nmi']:.12f}" + ("" if r["chance_nmi"] is None else f"  chance {r['chance_nmi']:.6f}"))
     summary = {"rows": args.rows, "clusters": args.clusters, "labels": args.labels, "noise": args.noise,
                "cpus": os.cpu_count(), "load_average": os.getloadavg(), "results": results}
     if "ours" in results and "sklearn" in results:
@@ -181,6 +196,11 @@ def main() -> None:
         print(f"speed-up vs sklearn: {summary['speedup']:.1f}x wall, {summary['speedup_cpu']:.1f}x cpu  "
               f"|nmi diff| {summary['abs_nmi_diff']:.2e}  "
               f"peak memory sklearn/ours: {summary['memory_ratio']:.2f}x")
+    if "ours+ami" in results and "sklearn+ami" in results:
+        ours, reference = results["ours+ami"], results["sklearn+ami"]
+        summary["ami_speedup"] = reference["median_s"] / ours["median_s"]
+        summary["abs_ami_diff"] = abs(reference["nmi"] - ours["nmi"])
+        print(f"AMI speed-up vs sklearn: {summary['ami_speedup']:.1f}x wall  |ami diff| {summary['abs_ami_diff']:.2e}")
     if args.json:
         print(json.dumps(summary))
 
