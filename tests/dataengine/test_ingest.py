@@ -135,6 +135,12 @@ def test_folder_and_tar_inputs_are_written_in_a_seeded_permutation_recorded_in_t
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["config"]["shuffle"] is True and manifest["config"]["seed"] == 1
     assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["config"]["shuffle"] is False
+    command = [sys.executable, "-m", "dataengine", "--quiet", "ingest", "--images", str(tmp_path / "imgs"),
+               "--shard-size", "10", "--workers", "0"]
+    subprocess.run([*command, "--out", str(tmp_path / "cli"), "--no-shuffle"], check=True, capture_output=True)
+    subprocess.run([*command, "--out", str(tmp_path / "cli-1"), "--seed", "1"], check=True, capture_output=True)
+    assert [s[2]["label"] for s in read_back(str(tmp_path / "cli"))] == in_order
+    assert [s[2]["label"] for s in read_back(str(tmp_path / "cli-1"))] == other
 
 
 def test_yfcc_metadata_keeps_its_order_unless_shuffle_is_asked():
