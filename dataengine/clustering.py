@@ -10,7 +10,7 @@ through :class:`ClusteringWriter`, and ``assign``, ``neighbors``, the report and
     clusterings/NAME/levelL_parents    (K_L,) int32 parent cluster (at level L-1) of each level-L cluster
     clusterings/NAME/levelL_centroids  (K_L, D) float32 centroids in the whitened space
     clusterings/NAME/levelL_sizes, levelL_group_offsets, levelL_objective_history, levelL_empty_splits, ...
-    clusterings/NAME/pca_mean, pca_components, pca_eigenvalues, pca_params
+    clusterings/NAME/pca_mean, pca_components, pca_eigenvalues, pca_params (epsilon, normalize, total variance, whiten)
     clusterings/NAME/centroid_index    uint8 bytes of a FAISS index over the leaf centroids (ids = leaf ids)
     clusterings/NAME/neighbor_index    uint8 bytes of a FAISS index over all whitened rows (ids = rows)
     attrs: format, version, config (resolved; ``config.levels`` gives the number of levels), levels (statistics

@@ -348,11 +348,14 @@ def test_ingest_of_a_webdataset_tar_keeps_keys_and_sidecars(tmp_path):
             packed.addfile(member, source.extractfile(member))
     for name, images in (("local", tar), ("streamed", str(tmp_path / "streamed.tar.gz"))):
         out = tmp_path / name
-        run_ingest(IngestConfig(images=images, out=str(out), workers=0))
+        run_ingest(IngestConfig(images=images, out=str(out), workers=0))  # permuted by default
         rows = pq.read_table(out / "metadata.parquet").to_pylist()
-        assert [r["key"] for r in rows] == order
+        assert sorted(r["key"] for r in rows) == sorted(order)
         samples = list(webdataset.WebDataset(str(out / "shards" / "shard-000000.tar"), shardshuffle=False))
-        assert [s["__key__"] for s in samples] == order
+        assert [s["__key__"] for s in samples] == [r["key"] for r in rows]  # shards row-aligned with metadata
+        run_ingest(IngestConfig(images=images, out=str(out) + "-in-order", workers=0, shuffle=False))
+        in_order = pq.read_table(f"{out}-in-order/metadata.parquet").to_pylist()
+        assert [r["key"] for r in in_order] == order
         for sample in samples:
             document = json.loads(sample["json"])
             assert sample["txt"].decode() == f"caption of {sample['__key__']}"  # the sidecar, byte for byte

@@ -190,8 +190,8 @@ def _whiten(group, name: str, features: np.ndarray) -> np.ndarray:
     """The clustering's PCA-whitening from its stored arrays, written out with numpy (no dataengine code)."""
     mean, components = group[f"clusterings/{name}/pca_mean"][:], group[f"clusterings/{name}/pca_components"][:]
     eigenvalues = group[f"clusterings/{name}/pca_eigenvalues"][:]
-    epsilon, normalize, _ = group[f"clusterings/{name}/pca_params"][:]
-    scale = 1.0 / np.sqrt(eigenvalues + epsilon * max(float(eigenvalues.max()), 0.0))
+    epsilon, normalize, _total_variance, whiten = group[f"clusterings/{name}/pca_params"][:]
+    scale = 1.0 / np.sqrt(eigenvalues + epsilon * max(float(eigenvalues.max()), 0.0)) if whiten else 1.0
     out = ((features - mean) @ components.T * scale).astype(np.float32)
     if normalize:
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
