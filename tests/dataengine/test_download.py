@@ -12,8 +12,8 @@ import threading
 import time
 import urllib.parse
 
+import pyarrow.parquet as pq
 import pytest
-
 from PIL import Image
 
 from dataengine.download import Downloader
@@ -59,38 +59,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _ok(self, path):
         self._send(200, self.images.get(path.rsplit("/", 1)[-1], BODY))
 
-    def _trickle(self, path, with_length=True):
-        self.send_response(200)
-        if with_length:
-            self.send_header("Content-Length", str(40))
-        else:
-            self.send_header("Connection", "close")
-        self.end_headers()
+    def _drip(self, path, data: bytes, pause: float) -> None:
+        """Write ``data`` a byte at a time, counting what was sent before the client went away."""
         self.sent[path] = 0
         try:
-            for _ in range(40):  # 40 bytes at 4 bytes a second: 10 s for the whole body
-                self.wfile.write(b"x")
+            for byte in data:
+                self.wfile.write(bytes([byte]))
                 self.wfile.flush()
                 self.sent[path] += 1
-                time.sleep(0.25)
+                time.sleep(pause)
         except OSError:
             pass
         self.close_connection = True
+
+    def _trickle(self, path, with_length=True):  # 40 bytes at 4 bytes a second: 10 s for the whole body
+        self.send_response(200)
+        self.send_header(*(("Content-Length", "40") if with_length else ("Connection", "close")))
+        self.end_headers()
+        self._drip(path, b"x" * 40, 0.25)
 
     def _trickle_nolength(self, path):
         self._trickle(path, with_length=False)
 
     def _trickle_headers(self, path):
-        self.sent[path] = 0
-        try:
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Slow: " + b"y" * 60:
-                self.wfile.write(bytes([byte]))
-                self.wfile.flush()
-                self.sent[path] += 1
-                time.sleep(0.1)
-        except OSError:
-            pass
-        self.close_connection = True
+        self._drip(path, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Slow: " + b"y" * 60, 0.1)
 
     def _short(self, path):
         self._send(200, BODY[:500], length=1000)
@@ -244,15 +236,21 @@ def test_fetch_all_keeps_the_order_of_the_urls(server):
 
 
 @pytest.mark.timeout(120)
-def test_download_mode_records_trickles_and_short_bodies_as_download_failed(tmp_path, server):
-    _Handler.images = {f"{i}.jpg": _jpeg(i) for i in range(4)}
-    urls = [f"{server}/ok/{i}.jpg" for i in range(4)] + [f"{server}/trickle/4.jpg", f"{server}/short/5.jpg"]
+def test_download_mode_records_each_failure_as_download_failed(tmp_path, server):
+    """404, a trickle, a short body: download_failed (a short body used to pass as data and end corrupt); a
+    503 once is retried to ok; the sample's source is its URL."""
+    _Handler.images = {f"{i}.jpg": _jpeg(i) for i in range(8)}
+    urls = [f"{server}/ok/{i}.jpg" for i in range(4)] + [f"{server}/flaky/4.jpg", f"{server}/trickle/5.jpg",
+                                                        f"{server}/short/6.jpg", f"{server}/status/404"]
     (tmp_path / "meta.tsv").write_text("\n".join(yfcc_line(i, url) for i, url in enumerate(urls)))
     result = run_ingest(IngestConfig(yfcc=str(tmp_path / "meta.tsv"), download=True, out=str(tmp_path / "out"),
-                                     workers=0, download_timeout=1.0, download_retries=1))
-    assert result.counts["ok"] == 4 and result.counts["download_failed"] == 2 and result.counts["corrupt"] == 0
+                                     workers=1, download_timeout=1.0, download_retries=1))
+    assert result.counts["ok"] == 5 and result.counts["download_failed"] == 3 and result.counts["corrupt"] == 0
     ledger = {e["id"]: e["error"] for e in map(json.loads, (tmp_path / "out" / "ledger.jsonl").read_text().splitlines())}
-    assert "DeadlineExceeded" in ledger["4"] and "ShortBody" in ledger["5"]
+    assert "DeadlineExceeded" in ledger["5"] and "ShortBody" in ledger["6"] and "HTTP Error 404" in ledger["7"]
+    assert _Handler.attempts["/flaky/4.jpg"] == 2
+    metadata = pq.read_table(tmp_path / "out" / "metadata.parquet").to_pylist()
+    assert {row["key"]: row["source"] for row in metadata}["4"] == urls[4]
 
 
 def test_download_options_are_checked():

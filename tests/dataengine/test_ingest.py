@@ -1,9 +1,9 @@
-"""Ingest end to end: folder/tar/YFCC sources, bad input, download mode, s3://, multi-node, SIGKILL resume."""
+"""Ingest end to end: folder/tar/YFCC sources, bad input, s3://, multi-node, SIGKILL resume (download mode:
+test_download.py)."""
 
 from __future__ import annotations
 
 import gzip
-import http.server
 import io
 import json
 import os
@@ -244,69 +244,6 @@ def test_multi_node_parts_merge_into_one_manifest(tmp_path):
     keys_two = [s[0] for s in read_back(str(tmp_path / "two"))]
     assert sorted(keys_two) == keys_one and len(set(keys_two)) == 30
     assert manifest["shards"][0]["name"].startswith("shards/shard-r000-")
-
-
-# ------------------------------------------------------------------------------------------ download mode
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    images: dict[str, bytes] = {}
-    attempts: dict[str, int] = {}
-
-    def do_GET(self):  # noqa: N802 (http.server API)
-        name = self.path.rsplit("/", 1)[-1]
-        self.attempts[self.path] = self.attempts.get(self.path, 0) + 1
-        if self.path.startswith("/slow/"):
-            time.sleep(3.0)
-        if self.path.startswith("/flaky/") and self.attempts[self.path] == 1:
-            self.send_error(503)
-            return
-        body = self.images.get(name)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def handle_error(self, request, client_address):
-        pass  # the client gave up on the slow endpoint: a broken pipe here is expected
-
-
-@pytest.fixture()
-def http_server():
-    server = _Server(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def test_download_mode_with_404_slow_and_flaky_endpoints(tmp_path, http_server):
-    _Handler.images = {f"{i}.jpg": _jpeg(i) for i in range(10)}
-    urls = {i: f"{http_server}/ok/{i}.jpg" for i in range(8)}
-    urls[8] = f"{http_server}/flaky/8.jpg"  # 503 once, then fine: retried
-    urls[9] = f"{http_server}/slow/9.jpg"  # slower than the timeout: fails after retries
-    urls[10] = f"{http_server}/ok/10.jpg"  # 404
-    lines = [yfcc_line(i, i, download_url=urls[i]) for i in range(11)]
-    (tmp_path / "meta.tsv").write_text("\n".join(lines) + "\n")
-    result = run_ingest(IngestConfig(yfcc=str(tmp_path / "meta.tsv"), download=True, out=str(tmp_path / "out"),
-                                     workers=1, download_timeout=1.0, download_retries=2))
-    assert result.counts["ok"] == 9 and result.counts["download_failed"] == 2, str({k: v for k, v in _Handler.attempts.items() if "ok" not in k})
-    ledger = {e["id"]: e for e in map(json.loads, (tmp_path / "out" / "ledger.jsonl").read_text().splitlines())}
-    assert "404" in ledger["10"]["error"]
-    assert "timed out" in ledger["9"]["error"] or "no complete response within 1 s" in ledger["9"]["error"]
-    assert _Handler.attempts["/flaky/8.jpg"] >= 2  # retried after the 503
-    assert read_back(str(tmp_path / "out"))[8][2]["source"] == urls[8]
 
 
 # ------------------------------------------------------------------------------------------ object storage
