@@ -23,10 +23,10 @@ Streaming: rows go out in blocks (one Parquet row group each) of ``block_rows`` 
 chunk rows sized to about 16 MiB of float32 features. Memory is a few copies of a block, at most about
 ``block_rows x 32 d`` bytes with features (measured: 5 to 8 KB per row for d = 256 with pyarrow 26 and
 zarr 3, blocks of 500 to 5,000 rows; 40% of it Parquet encoding), so about 130 MB by default, plus one or two
-chunks (up to 262,144 rows each) of every per-row metadata array and the
-vocabularies of the string columns (users, devices, labels, tags): never a per-row array of the whole store. The file is written under a temporary name and renamed (locally) or uploaded as one object (``s3://``),
-so a reader never sees a partial export; re-running with the same configuration on an unchanged store skips
-the work.
+chunks (up to 262,144 rows each) of every per-row metadata array and the vocabularies of the string columns
+(users, devices, labels, tags): never a per-row array of the whole store. The file is written under a
+temporary name and renamed (locally) or uploaded as one object (``s3://``), so a reader never sees a partial
+export; re-running with the same configuration on an unchanged store skips the work.
 """
 
 from __future__ import annotations

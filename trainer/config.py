@@ -93,7 +93,8 @@ class ModelConfig:
     """Dropout on the features before the heads (after vgg16_bn's fc7 ReLU, which the reference ends with no
     dropout)."""
     init: str | None = None
-    """Checkpoint to initialise the backbone from (e.g. a RotNet run, as the paper does)."""
+    """Checkpoint to initialise the backbone from (e.g. a RotNet run, as the paper does), or torchvision weights
+    of ``arch`` from the torch hub cache (``resnet50:IMAGENET1K_V2``, without the Sobel layer)."""
 
     def __post_init__(self) -> None:
         from dataengine.models import ARCHS

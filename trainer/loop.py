@@ -136,7 +136,17 @@ class Trainer:
 
     def _load_backbone(self, path: str) -> None:
         from dataengine.models import read_checkpoint
+        from dataengine.pretrained import build_arch_backbone, names_pretrained_model, parse_model_spec
 
+        if names_pretrained_model(path):
+            spec, arch = parse_model_spec(path), self.config.model.arch
+            if spec.kind != "torchvision" or spec.arch != arch:
+                raise ValueError(f"--init {path}: a pretrained initialisation is torchvision weights of --arch "
+                                 f"{arch} (e.g. {arch}:DEFAULT), or a trainer checkpoint")
+            backbone, record = build_arch_backbone(spec, self.config.model.sobel, self.config.seed)
+            self.network.backbone.load_state_dict(backbone.state_dict())
+            logger.info("backbone initialised with %s from %s", spec.text, record.source)
+            return
         arch, sobel, state = read_checkpoint(path)
         model = self.config.model
         if (arch, sobel) != (model.arch, model.sobel):

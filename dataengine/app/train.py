@@ -49,8 +49,12 @@ def train(
     samples_per_epoch: Optional[int] = typer.Option(None, "--samples-per-epoch",
                                                     help="Samples per epoch with balancing (default: all)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),
-    init: Optional[str] = typer.Option(None, "--init", help="Checkpoint to initialise the backbone from."),
-    features_from: Optional[str] = typer.Option(None, "--features-from", help="ClusterFit: network to cluster."),
+    init: Optional[str] = typer.Option(None, "--init", help="Checkpoint to initialise the backbone from, or "
+                                       "torchvision weights of --arch from the hub cache (resnet50:IMAGENET1K_V2, "
+                                       "with --no-sobel)."),
+    features_from: Optional[str] = typer.Option(None, "--features-from", help="ClusterFit: network whose "
+                                                "features are clustered: a checkpoint, or a pretrained model as "
+                                                "embed's --model (resnet50:IMAGENET1K_V2, model.pt, mod:fn)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop after this many seconds."),
     budget_clock: str = typer.Option("wall", "--budget-clock",
                                      help="What --time-budget counts: wall, or cpu (this process + workers)."),

@@ -30,7 +30,8 @@ MIN_CHUNK_BYTES = 1 << 20
 def output_config(config: EmbedConfig, model: EmbedModel, batch_size: int, chunk_rows: int) -> dict[str, Any]:
     return {"model": model.arch, "sobel": model.sobel, "weights": model.weights, "checkpoint": model.checkpoint,
             "model_name": model.record["name"], "model_kind": model.record["kind"],
-            "weights_sha256": model.record["weights_sha256"], "layer": model.layer, "image_size": config.image_size, "resize_size": config.resolved_resize_size,
+            "weights_sha256": model.record["weights_sha256"], "layer": model.layer, "image_size": config.image_size,
+            "resize_size": config.resolved_resize_size,
             "batch_size": batch_size, "dtype": config.dtype, "chunk_rows": chunk_rows,
             "chunks_per_shard": config.chunks_per_shard, "seed": config.seed,
             "precision": "bfloat16" if model.amp else "float32", "channels_last": model.channels_last,

@@ -158,6 +158,22 @@ def test_the_index_is_built_once_and_rebuilt_when_a_shard_changes(tmp_path, monk
     assert changed.metadata_url != first.metadata_url
 
 
+def test_ranks_indexing_at_once_publish_one_index(tmp_path):
+    """Three processes (ranks of one machine) index the same shards at the same time: one index, the same for
+    all, no scratch folder left."""
+    write_shardwriter(tmp_path / "wds")
+    spec = str(tmp_path / "wds" / "part-{00000..00002}.tar")
+    code = ("import sys; from dataengine.shards import load_shard_set; s = load_shard_set(sys.argv[1]); "
+            "print(s.digest, s.metadata_url)")
+    processes = [subprocess.Popen([sys.executable, "-c", code, spec], stdout=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    outputs = {process.communicate(timeout=300)[0].strip() for process in processes}
+    assert all(process.returncode == 0 for process in processes) and len(outputs) == 1
+    root = tmp_path / "cache" / "dataengine" / "shard-index"
+    here = load_shard_set(spec)
+    assert len(os.listdir(root)) == 1 and outputs == {f"{here.digest} {here.metadata_url}"}
+
+
 def test_bad_names_fail_with_one_line(tmp_path):
     from typer.testing import CliRunner
 
