@@ -60,7 +60,6 @@ from dataengine.fs import is_remote, url_to_fs
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "dataengine.shards"
 INDEX_VERSION = 1
 SEPARATOR = "::"
 MAX_TEXT_BYTES = 64 << 10
@@ -74,8 +73,8 @@ _STRUCTURAL = ("key", "shard", "position", "offset", "size")
 def is_shard_spec(spec: str) -> bool:
     """True when ``spec`` names tar shards (a ``.tar`` URL, a brace pattern, a ``::`` list), not a folder."""
     parts = [part.strip() for part in spec.split(SEPARATOR) if part.strip()]
-    return bool(parts) and all(part.lower().endswith(".tar") or "{" in part for part in parts) and any(
-        part.lower().endswith(".tar") for part in parts)
+    # Compressed tars count too, so that expand_shard_spec names the problem rather than a missing manifest.
+    return bool(parts) and all(part.lower().endswith((".tar", ".tar.gz", ".tgz")) for part in parts)
 
 
 def absolute_spec(spec: str) -> str:
@@ -550,6 +549,8 @@ def _manifest(urls: list[str], sizes: list[int], entries: list[dict[str, Any]]) 
     content = hashlib.sha256()
     for shard in shards:  # content only: the same shards under other URLs (a copy) give the same digest
         content.update(f"{shard['num_samples']}:{shard['bytes']}:{shard['index_sha256']};".encode())
+    from dataengine.shards import FORMAT
+
     return {"format": FORMAT, "version": INDEX_VERSION, "source": "webdataset", "shards": shards,
             "num_shards": len(shards), "num_samples": sum(s["num_samples"] for s in shards),
             "content_digest": content.hexdigest(),

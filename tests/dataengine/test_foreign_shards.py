@@ -186,7 +186,9 @@ def test_bad_names_fail_with_one_line(tmp_path):
         one = str(tmp_path / "wds" / "part-00000.tar")
         load_shard_set(f"{one}::{one}")
     with pytest.raises(ValueError, match="only uncompressed .tar"):
-        foreign_shards.expand_shard_spec(str(tmp_path / "wds" / "part-{00000..00001}.tar.gz::x.tar"))
+        load_shard_set(str(tmp_path / "wds" / "part-{00000..00001}.tar.gz::x.tar"))
+    with pytest.raises(ValueError, match="only uncompressed .tar"):  # not taken for a folder without manifest
+        load_shard_set(str(tmp_path / "wds" / "part-{00000..00001}.tar.gz"))
     result = CliRunner().invoke(app, ["embed", str(tmp_path / "wds" / "part-{00000..00009}.tar"), "--out",
                                       str(tmp_path / "s.zarr"), "--model", "small"])
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
