@@ -17,6 +17,7 @@ from dataengine.app import report as _report  # noqa: F401
 from dataengine.app import train as _train  # noqa: F401
 from dataengine.app import curate as _curate  # noqa: F401
 from dataengine.app import export as _export  # noqa: F401
+from dataengine.app import plan as _plan  # noqa: F401
 
 
 def main() -> None:
