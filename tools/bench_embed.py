@@ -107,7 +107,8 @@ def end_to_end_rate(config: EmbedConfig) -> tuple[float, int]:
 
 
 def bench_case(name: str, shards: str, arch: str, image_size: int, resize_size: int, repeats: int,
-               scratch: str) -> None:
+               scratch: str) -> float:
+    """Print the case's figures; returns its median end-to-end images/s."""
     workers = min(4, os.cpu_count() or 1)
     config = EmbedConfig(shards=shards, out=os.path.join(scratch, f"store-{name}"), model=arch,
                          image_size=image_size, resize_size=resize_size, workers=workers)
@@ -134,6 +135,21 @@ def bench_case(name: str, shards: str, arch: str, image_size: int, resize_size: 
           f"end-to-end {end:.1f} img/s")
     print(f"  ratio end-to-end / ideal: median of runs {statistics.median(ratios):.3f}, of medians "
           f"{end / ideal:.3f} (target >= 0.90)")
+    return end
+
+
+def calibrate(path: str, rates: dict[str, float]) -> None:
+    """Store the end-to-end rates for `dataengine plan`: images/s per GPU, or CPU seconds per image (all cores
+    busy: cores / images per second)."""
+    import sys
+
+    from dataengine.plan import update_calibration
+
+    if torch.cuda.is_available():
+        models = {name: {"gpu_images_per_second": rate / torch.cuda.device_count()} for name, rate in rates.items()}
+    else:
+        models = {name: {"cpu_seconds_per_image": (os.cpu_count() or 1) / rate} for name, rate in rates.items()}
+    update_calibration(path, "embed", {"models": models}, " ".join(["python", "tools/bench_embed.py"] + sys.argv[1:]))
 
 
 def bench_channels_last(repeats: int, scratch: str) -> None:
@@ -179,6 +195,7 @@ def main() -> None:
     parser.add_argument("--limit-cifar", type=int, default=20000)
     parser.add_argument("--store-rows", type=int, default=200_000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["resnet18", "small", "channels_last", "store"])
+    parser.add_argument("--calibrate", metavar="FILE", help="store the end-to-end rates for `dataengine plan`")
     args = parser.parse_args()
     imagenette = os.path.join(DATA, "imagenette2-train-4k.tar")
     cifar = os.path.join(DATA, "cifar10-train.tar")
@@ -187,19 +204,22 @@ def main() -> None:
             raise SystemExit(f"{path} not found (see ../shared/data/README.md)")
     print(f"{os.cpu_count()} cores, torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
           f"load average {os.getloadavg()[0]:.1f}")
+    rates = {}
     with tempfile.TemporaryDirectory() as scratch:
         if "resnet18" not in args.skip:
             tar = subset_tar(imagenette, args.limit_imagenette, os.path.join(scratch, "imagenette.tar"))
             shards = ingest(tar, os.path.join(scratch, "ingest-imagenette"), 256)
-            bench_case("imagenette", shards, "resnet18", 224, 256, args.repeats, scratch)
+            rates["resnet18@224"] = bench_case("imagenette", shards, "resnet18", 224, 256, args.repeats, scratch)
         if "small" not in args.skip:
             tar = subset_tar(cifar, args.limit_cifar, os.path.join(scratch, "cifar.tar"))
             shards = ingest(tar, os.path.join(scratch, "ingest-cifar"), 32)
-            bench_case("cifar", shards, "small", 32, 32, args.repeats, scratch)
+            rates["small@32"] = bench_case("cifar", shards, "small", 32, 32, args.repeats, scratch)
         if "channels_last" not in args.skip:
             bench_channels_last(args.repeats, scratch)
         if "store" not in args.skip:
             bench_store_writes(args.store_rows, 512, args.repeats, scratch)
+    if args.calibrate and rates:
+        calibrate(args.calibrate, rates)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--scale", type=int, default=1, help="Run on a tar with every photo this many times.")
+    parser.add_argument("--calibrate", metavar="FILE",
+                        help="store ingest's CPU seconds per image for `dataengine plan` (start-up included: use "
+                             "--scale 5 or more so that it weighs little)")
     args = parser.parse_args()
     if not os.path.exists(args.tar):
         sys.exit(f"{args.tar} not found (see ../shared/data/README.md)")
@@ -218,6 +221,11 @@ def main() -> None:
           f"({program_cpu / len(blobs) * 1e6:.0f} / {ingest_cpu / len(blobs) * 1e6:.0f} us per image)")
     print(f"CPU ratio kernel program / ingest  : {program_cpu / ingest_cpu:.3f} (what 2 cores give on a quiet machine)")
     print(f"CLI start-up (ingest --help): {statistics.median(starts) * 1000:.0f} ms")
+    if args.calibrate:
+        from dataengine.plan import update_calibration
+
+        update_calibration(args.calibrate, "ingest", {"cpu_seconds_per_image": ingest_cpu / len(blobs)},
+                           " ".join(["python", "tools/bench_ingest.py"] + sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -169,13 +169,18 @@ def out_of_core_child(args) -> dict:
     import zarr
 
     array = zarr.open_array(str(Path(args.workdir) / "features.zarr"), mode="r")
+    start = time.process_time()  # one pass reading the rows as the k-means does (float16 -> float32 blocks)
+    for _ in ArrayDataset(array, block_rows=65536).iter_blocks():
+        pass
+    read_cpu = time.process_time() - start
     config = HierarchicalKMeansConfig(levels=(4, 256), num_iterations=10, seed=1,
                                       max_points_per_centroid=args.sample_per_centroid, num_threads=args.threads)
     start = time.perf_counter()
     result = fit_hierarchical_kmeans(ArrayDataset(array, block_rows=65536), config)
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
-    return {"seconds": seconds, "peak_rss_bytes": peak, "objective": result.levels[-1].objective,
+    return {"seconds": seconds, "peak_rss_bytes": peak, "read_cpu_seconds": read_cpu,
+            "objective": result.levels[-1].objective,
             "leaf_sizes_min": int(result.levels[-1].sizes.min()), "leaf_sizes_max": int(result.levels[-1].sizes.max())}
 
 
@@ -209,6 +214,7 @@ def bench_out_of_core(args) -> dict:
         print(f"out-of-core: {runs[-1]['seconds']:.1f} s, peak RSS {runs[-1]['peak_rss_bytes'] / 2**30:.2f} GiB",
               flush=True)
     return {
+        "read_cpu_seconds_per_value": float(np.median([r["read_cpu_seconds"] for r in runs])) / (args.rows * DIM),
         "rows": args.rows, "data_bytes": args.rows * DIM * 2, "sample_per_centroid": args.sample_per_centroid,
         "runs": runs, "median_seconds": float(np.median([r["seconds"] for r in runs])),
         "max_peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
@@ -283,6 +289,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default_num_threads())
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_kmeans"))
     parser.add_argument("--sample-per-centroid", type=int, default=256)
+    parser.add_argument("--calibrate", metavar="FILE", help="store the cluster stage's rates for `dataengine plan`")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     set_num_threads(args.threads)
@@ -298,7 +305,24 @@ def main() -> None:
         function, default_rows = benches[name]
         args.rows = rows or default_rows
         report[name] = function(args)
+    if args.calibrate:
+        calibrate(args, report)
     print(json.dumps(report))
+
+
+def calibrate(args, report: dict) -> None:
+    """The k-means GFLOP/s per core (throughput) and the CPU cost of reading a stored value (out-of-core)."""
+    from dataengine.plan import update_calibration
+
+    values = {}
+    if "throughput" in report:
+        rates = [report["throughput"][f"k{k}"]["median_ours_gflops"] for k in (256, 1024)]
+        values["gflops_per_core"] = float(np.mean(rates)) / args.threads
+    if "out-of-core" in report:
+        values["read_seconds_per_value"] = report["out-of-core"]["read_cpu_seconds_per_value"]
+    if not values:
+        sys.exit("--calibrate needs the throughput or out-of-core benchmark")
+    update_calibration(args.calibrate, "cluster", values, " ".join(["python", "tools/bench_kmeans.py"] + sys.argv[1:]))
 
 
 if __name__ == "__main__":

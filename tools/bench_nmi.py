@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="turns of every method (medians pool them)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--json", action="store_true", help="print one JSON line last")
+    parser.add_argument("--calibrate", metavar="FILE",
+                        help="store the seconds per row of one NMI with its chance level for `dataengine plan`")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -201,6 +203,14 @@ def main() -> None:
         summary["ami_speedup"] = reference["median_s"] / ours["median_s"]
         summary["abs_ami_diff"] = abs(reference["nmi"] - ours["nmi"])
         print(f"AMI speed-up vs sklearn: {summary['ami_speedup']:.1f}x wall  |ami diff| {summary['abs_ami_diff']:.2e}")
+    if args.calibrate:
+        if "ours+chance" not in results:
+            sys.exit("--calibrate needs the ours+chance method")
+        from dataengine.plan import update_calibration
+
+        update_calibration(args.calibrate, "report",
+                           {"seconds_per_row_score": results["ours+chance"]["median_s"] / args.rows},
+                           " ".join(["python", "tools/bench_nmi.py"] + sys.argv[1:]))
     if args.json:
         print(json.dumps(summary))
 
