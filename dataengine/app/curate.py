@@ -10,13 +10,14 @@ import typer
 from dataengine.app.cli import app, console, emit_summary, fail, print_table, progress_bar
 
 
-def print_curate_summary(result: Any) -> None:
-    """The human summary of a curation: rows per status, then the subset beside the original."""
+def print_curate_summary(result: dict[str, Any]) -> None:
+    """The human summary of a curation (``CurateResult.to_dict()``): rows per status, then the subset beside
+    the original."""
     from dataengine.curate import STATUSES
 
-    print_table(f"curate: {result.num_selected} of {result.num_rows} rows kept in {result.num_shards} shards",
-                ["status", "rows"], [[status, result.counts.get(status, 0)] for status in STATUSES])
-    report = result.report
+    print_table(f"curate: {result['num_selected']} of {result['num_rows']} rows kept in {result['num_shards']} "
+                "shards", ["status", "rows"], [[status, result["counts"].get(status, 0)] for status in STATUSES])
+    report = result["report"]
     sizes, nmi = report["sizes"], report["nmi"]
     rows: list[list[Any]] = []
     for stat in ("min", "median", "max", "normalized_entropy", "gini"):
@@ -25,7 +26,7 @@ def print_curate_summary(result: Any) -> None:
         before, after = nmi["original"][kind], nmi["curated"][kind]
         rows.append([f"NMI {kind} (chance)", f"{_figure(before['nmi'])} ({_figure(before['chance_nmi'])})",
                      f"{_figure(after['nmi'])} ({_figure(after['chance_nmi'])})"])
-    print_table(f"level {result.level} ({result.num_clusters} clusters): original and curated",
+    print_table(f"level {result['level']} ({result['num_clusters']} clusters): original and curated",
                 ["figure", "original", "curated"], rows)
 
 
@@ -74,7 +75,7 @@ def curate(
             result = run_curate(config, progress=update)
     except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
         fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
-    print_curate_summary(result)
+    print_curate_summary(result.to_dict())
     console.print(f"{result.out}: {result.num_selected} samples in {result.num_shards} shards, "
                   f"{result.seconds:.1f} s" + (f" ({result.resumed_shards} shards already done)"
                                                if result.resumed_shards else ""))

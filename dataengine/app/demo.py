@@ -16,6 +16,7 @@ from typing import Any, Optional
 import typer
 
 from dataengine.app.cli import app, console, emit_summary, fail, print_table
+from dataengine.app.curate import print_curate_summary
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ class DemoConfig:
     """Folder receiving every stage's output."""
     num_images: int = 1500
     """Photos in the synthetic corpus."""
+    near_duplicates: int | None = None
+    """Planted near-duplicates (resized, re-encoded, cropped copies) for the curation to find; ``None`` = one
+    photo in 20."""
     seed: int = 0
     """Seed of the corpus and of every stage."""
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -56,10 +60,16 @@ def _stage(result: DemoResult, name: str, fn: Callable[[], dict[str, Any]]) -> N
     logger.info("demo: %s done in %.1f s", name, summary["seconds"])
 
 
+# Near-duplicate threshold of the demo's embedding (small convnet at 32, random init) and clustering (4 x 8,
+# PCA 32): the best-F1 threshold on a validation corpus, `python tools/eval_dedup.py --images 2000` (RESULTS.md).
+DEMO_DEDUP_THRESHOLD = 0.92
+
+
 def run_demo(config: DemoConfig) -> DemoResult:
-    """Run synth -> ingest -> embed -> cluster -> report -> train."""
+    """Run synth -> ingest -> embed -> cluster -> report -> train, then write a curated subset."""
     from dataengine.cluster import ClusterConfig, run_cluster
     from dataengine.clustering import layout_path
+    from dataengine.curate import CurateConfig, run_curate
     from dataengine.embed import EmbedConfig, run_embed
     from dataengine.ingest import IngestConfig, run_ingest
     from dataengine.report import ReportConfig, run_report
@@ -73,7 +83,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     shards = os.path.join(result.out, "ingest")
 
     def synth() -> dict[str, Any]:
-        summary = generate_corpus(corpus, SynthConfig(num_images=config.num_images, seed=config.seed))
+        near_duplicates = config.num_images // 20 if config.near_duplicates is None else config.near_duplicates
+        summary = generate_corpus(corpus, SynthConfig(num_images=config.num_images, seed=config.seed,
+                                                      num_near_duplicates=near_duplicates))
         return {"path": corpus, "rows": summary.num_rows, "classes": summary.num_classes}
 
     def ingest() -> dict[str, Any]:
@@ -114,12 +126,20 @@ def run_demo(config: DemoConfig) -> DemoResult:
                 "loss": round(float(last.get("loss", float("nan"))), 4),
                 "nmi_previous": last.get("clustering", {}).get("nmi_previous")}
 
+    def curate() -> dict[str, Any]:
+        # A third of the photos, balanced over the leaf clusters, without near-duplicates.
+        curated = run_curate(CurateConfig(store=store, clustering="demo", out=os.path.join(result.out, "curated"),
+                                          total=config.num_images // 3, seed=config.seed, shard_size=500,
+                                          dedup_threshold=DEMO_DEDUP_THRESHOLD, overwrite=True))
+        return dict(curated.to_dict(), path=curated.out)
+
     _stage(result, "synth", synth)
     _stage(result, "ingest", ingest)
     _stage(result, "embed", embed)
     _stage(result, "cluster", cluster)
     _stage(result, "report", report)
     _stage(result, "train", train)
+    _stage(result, "curate", curate)
     result.seconds = round(time.perf_counter() - start, 2)
     return result
 
@@ -144,6 +164,10 @@ def demo(
         fail(str(exc))
     rows = [[name, f"{s['seconds']:.1f}", s.get("path", "")] for name, s in result.stages.items()]
     print_table(f"demo finished in {result.seconds:.1f} s", ["stage", "seconds", "output"], rows)
+    if "curate" in result.stages:
+        print_curate_summary(result.stages["curate"])
     if "report" in result.stages:
         console.print(f"report: {result.stages['report']['path']}")
+    if "curate" in result.stages:
+        console.print(f"curated subset: {result.stages['curate']['path']}")
     emit_summary({"out": result.out, "stages": result.stages, "seconds": result.seconds}, as_json)

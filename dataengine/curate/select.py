@@ -20,7 +20,7 @@ from dataengine.store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
-SELECTED, NOT_SELECTED, NEAR_DUPLICATE, INVALID = (STATUSES.index(s) for s in STATUSES)
+SELECTED, NOT_SELECTED, NEAR_DUPLICATE, INVALID = range(len(STATUSES))  # status codes: positions in STATUSES
 
 
 @dataclass

@@ -261,3 +261,27 @@ def test_near_duplicates_found_with_a_threshold_chosen_on_another_corpus(corpus,
     base_rate = NUM_NEAR_DUPLICATES / len(ledger)  # the precision of dropping rows at random
     assert scores.precision >= max(0.5, 3 * base_rate) and scores.recall >= 0.5, scores.to_dict()
     assert result.counts["selected"] == len(ledger) - scores.dropped  # dedup only: every other row kept
+
+
+def test_curated_set_on_object_storage(corpus, s3_server, s3_bucket):
+    from dataengine.shards import load_shard_set, register_fsspec_opener, sample_stream
+
+    out = f"{s3_bucket}/curated"
+    result = run_curate(CurateConfig(store=corpus["store"], clustering="c", out=out, per_cluster=2, shard_size=10,
+                                     storage_options=s3_server))
+    shard_set = load_shard_set(out, s3_server)
+    assert shard_set.num_samples == result.num_selected and len(shard_set.shards) == result.num_shards
+    register_fsspec_opener(s3_server)
+    keys = [sample["__key__"] for sample in sample_stream(shard_set.urls())]
+    selected = [e["id"] for e in map(json.loads, remote_ledger(out, s3_server).splitlines())
+                if e["status"] == "selected"]
+    assert keys == selected
+    again = run_curate(CurateConfig(store=corpus["store"], clustering="c", out=out, per_cluster=2, shard_size=10,
+                                    storage_options=s3_server))
+    assert again.resumed_shards == result.num_shards  # complete: nothing redone
+
+
+def remote_ledger(url: str, options: dict) -> str:
+    from dataengine.fs import Location
+
+    return Location(url, options).read_bytes("ledger.jsonl").decode()
