@@ -285,3 +285,19 @@ def remote_ledger(url: str, options: dict) -> str:
     from dataengine.fs import Location
 
     return Location(url, options).read_bytes("ledger.jsonl").decode()
+
+
+def test_rows_without_features_are_never_kept(corpus, tmp_path):
+    import shutil
+
+    import zarr
+
+    store = tmp_path / "store"
+    shutil.copytree(corpus["store"], store)
+    zarr.open_group(str(store), mode="r+")["valid"][:7] = False  # as if their images failed to decode
+    result = run_curate(CurateConfig(store=str(store), clustering="c", out=str(tmp_path / "out"), per_cluster=1000,
+                                     shards=corpus["ingest"], dedup_threshold=0.95))
+    ledger = ledger_of(tmp_path / "out")
+    assert [e["status"] for e in ledger[:7]] == ["invalid"] * 7 and result.counts["invalid"] == 7
+    assert all(e["cluster"] is None and e["similarity"] is None for e in ledger[:7])
+    assert result.num_selected == len(ledger) - 7 - result.counts["near_duplicate"]
