@@ -19,8 +19,9 @@ GPUs where a GPU rate was measured:
 * train: ``epochs x samples x cpu_seconds_per_sample`` plus an embed and a clustering of the training set at
   every re-assignment.
 
-Bytes are those each stage leaves behind (on local disk, or in object storage with ``storage="s3"``), and
-the local scratch each needs while it runs. A stage whose rate was never measured for the requested hardware
+Bytes are those each stage leaves behind (on local disk, or in object storage with ``storage="s3"``, where
+local disk holds the scratch it uploads from); arrays count at their uncompressed size, an upper bound (zstd
+shrinks cluster ids and the neighbour index on disk). A stage whose rate was never measured for the requested hardware
 (e.g. a GPU rate) has no time (``None``) and a note saying which benchmark to run.
 """
 
@@ -45,49 +46,53 @@ MODEL_DIMS = {"small": 256, "resnet18": 512, "resnet50": 2048, "vgg16_bn": 4096}
 MODEL_GFLOPS_224 = {"small": 0.735, "resnet18": 3.64, "resnet50": 8.18, "vgg16_bn": 31.0}
 METADATA_KINDS = 4  # hashtag, user, GPS, device (YFCC100M); a class label would add one
 
+# The figures of BENCHMARKS.md ("Planning"): whole stages from the CLI on Imagenette photos stored at 256
+# pixels (`tools/bench_plan.py --calibrate`, 2,000 and 8,000 photos), k-means GFLOP/s and NMI per row from
+# their benchmarks, the cost of reading stored features and the k-means memory per row from the out-of-core
+# k-means at 1M and 5M rows.
 DEFAULT_CALIBRATION: dict[str, Any] = {
     "format": FORMAT,
     "version": VERSION,
     "machine": "2 cores, AMD EPYC (Zen 3), 24 GiB, no GPU (BENCHMARKS.md)",
     "stages": {
         "ingest": {
-            "cpu_seconds_per_image": 0.00079,  # 3.11-3.22 CPU-s for 4,000 Imagenette photos at 256
-            "fixed_cpu_seconds": 0.35,
-            "shard_bytes_per_image": 26000,
-            "metadata_bytes_per_image": 600,
-            "base_rss_bytes": 150 << 20,
-            "main_bytes_per_row": 230,
+            "cpu_seconds_per_image": 0.00121,
+            "fixed_cpu_seconds": 1.31,
+            "shard_bytes_per_image": 16365,
+            "metadata_bytes_per_image": 396,
+            "base_rss_bytes": 106_217_472,
+            "main_bytes_per_row": 414,
         },
         "embed": {
             "models": {
-                "small@32": {"cpu_seconds_per_image": 0.0099},  # 202 img/s on 2 cores (CIFAR-10)
-                "resnet18@224": {"cpu_seconds_per_image": 0.185},  # 10.8 img/s on 2 cores (Imagenette)
+                "small@32": {"cpu_seconds_per_image": 0.00549},
+                "resnet18@224": {"cpu_seconds_per_image": 0.185},  # 10.8 img/s on 2 busy cores (bench_embed)
             },
-            "fixed_cpu_seconds": 4.0,
-            "store_bytes_per_value": 2.0,
-            "metadata_bytes_per_row": 40,
-            "base_rss_bytes": 600 << 20,
-            "bytes_per_row": 300,
+            "fixed_cpu_seconds": 7.54,
+            "store_bytes_per_value": 1.79,  # float16 after zstd, keys and a folder input's metadata included
+            "metadata_bytes_per_row": 0.0,
+            "base_rss_bytes": 785_691_989,
+            "bytes_per_row": 479,
         },
         "cluster": {
-            "gflops_per_core": 71.0,  # k-means assignment + float64 sums, 141.5-143.3 GFLOP/s on 2 cores
-            "read_seconds_per_value": 1.6e-9,
-            "fixed_cpu_seconds": 3.0,
-            "base_rss_bytes": 450 << 20,
-            "bytes_per_row": 64,
+            "gflops_per_core": 71.0,  # k-means assignment + float64 sums: 141.5-143.3 GFLOP/s on 2 cores
+            "read_seconds_per_value": 7.9e-9,
+            "fixed_cpu_seconds": 9.26,
+            "base_rss_bytes": 848_052_224,
+            "bytes_per_row": 19,
         },
         "report": {
-            "seconds_per_row_score": 3.6e-7,  # NMI + chance level: 3.56 s for 10M rows
-            "fixed_cpu_seconds": 6.0,
-            "base_rss_bytes": 450 << 20,
-            "bytes_per_row": 100,
-            "output_bytes": 3 << 20,
+            "seconds_per_row_score": 3.6e-7,  # one NMI with its chance level: 3.56 s for 10M rows
+            "fixed_cpu_seconds": 3.63,
+            "base_rss_bytes": 155_112_789,
+            "bytes_per_row": 151,
+            "output_bytes": 326_153,
         },
         "train": {
-            "models": {"small@32": {"cpu_seconds_per_sample": 0.0033}},  # 605 samples/s on 2 cores
-            "fixed_cpu_seconds": 6.0,
-            "base_rss_bytes": 700 << 20,
-            "bytes_per_row": 40,
+            "models": {"small@32": {"cpu_seconds_per_sample": 0.0184}},  # decoding 256-pixel JPEGs included
+            "fixed_cpu_seconds": 5.05,
+            "base_rss_bytes": 1_068_911_274,
+            "bytes_per_row": 8574,
         },
     },
 }
@@ -261,10 +266,11 @@ class StagePlan:
 
 
 def _place(config: PlanConfig, outputs: float, scratch: float = 0.0) -> tuple[int, int]:
-    """(disk, object storage) bytes of a stage's outputs and scratch."""
+    """(disk, object storage) bytes of a stage's outputs and the local scratch it uploads them from (a local
+    output is built in place: its scratch files are renamed into it)."""
     if config.storage == "s3":
         return int(scratch), int(outputs)
-    return int(outputs + scratch), 0
+    return int(outputs), 0
 
 
 def _times(config: PlanConfig, fixed_cpu: float, parallel_cpu: float | None) -> tuple[float | None, float | None]:

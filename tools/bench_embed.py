@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import tarfile
@@ -99,16 +100,24 @@ def ideal_rate(forward: float, decode: float) -> float:
     return 1 / (1 / forward + 1 / decode)
 
 
-def end_to_end_rate(config: EmbedConfig) -> tuple[float, int]:
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def end_to_end_rate(config: EmbedConfig) -> tuple[float, int, float]:
+    """Images/s of ``run_embed``, its batch size, and its CPU seconds per image (workers included)."""
     shutil.rmtree(config.out, ignore_errors=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     result = run_embed(config)
-    return result.num_rows / (time.perf_counter() - start), result.batch_size
+    cpu = _cpu_seconds() - cpu
+    return result.num_rows / (time.perf_counter() - start), result.batch_size, cpu / result.num_rows
 
 
 def bench_case(name: str, shards: str, arch: str, image_size: int, resize_size: int, repeats: int,
-               scratch: str) -> float:
-    """Print the case's figures; returns its median end-to-end images/s."""
+               scratch: str) -> tuple[float, float]:
+    """Print the case's figures; returns its median end-to-end images/s and CPU seconds per image."""
     workers = min(4, os.cpu_count() or 1)
     config = EmbedConfig(shards=shards, out=os.path.join(scratch, f"store-{name}"), model=arch,
                          image_size=image_size, resize_size=resize_size, workers=workers)
@@ -117,12 +126,13 @@ def bench_case(name: str, shards: str, arch: str, image_size: int, resize_size: 
           f"{torch.get_num_threads()} torch threads")
     # What run_embed will pick.
     auto_batch = embed_model.fit_batch_size(embed_model.build_model(config), image_size, None)
-    decodes, forwards, ends, ratios = [], [], [], []
+    decodes, forwards, ends, ratios, cpus = [], [], [], [], []
     for repeat in range(repeats):
         # The end-to-end run is bracketed by two forward measurements: on a shared machine the load drifts.
         before = forward_rate(config, auto_batch)
-        rate, batch_size = end_to_end_rate(config)
+        rate, batch_size, cpu = end_to_end_rate(config)
         ends.append(rate)
+        cpus.append(cpu)
         decodes.append(decode_rate(shards, config, batch_size))
         forwards.append((before + forward_rate(config, batch_size)) / 2)
         ratios.append(ends[-1] / ideal_rate(forwards[-1], decodes[-1]))
@@ -135,20 +145,20 @@ def bench_case(name: str, shards: str, arch: str, image_size: int, resize_size: 
           f"end-to-end {end:.1f} img/s")
     print(f"  ratio end-to-end / ideal: median of runs {statistics.median(ratios):.3f}, of medians "
           f"{end / ideal:.3f} (target >= 0.90)")
-    return end
+    return end, statistics.median(cpus)
 
 
-def calibrate(path: str, rates: dict[str, float]) -> None:
-    """Store the end-to-end rates for `dataengine plan`: images/s per GPU, or CPU seconds per image (all cores
-    busy: cores / images per second)."""
+def calibrate(path: str, rates: dict[str, tuple[float, float]]) -> None:
+    """Store the end-to-end figures for `dataengine plan`: images/s per GPU, or CPU seconds per image."""
     import sys
 
     from dataengine.plan import update_calibration
 
     if torch.cuda.is_available():
-        models = {name: {"gpu_images_per_second": rate / torch.cuda.device_count()} for name, rate in rates.items()}
+        models = {name: {"gpu_images_per_second": rate / torch.cuda.device_count()}
+                  for name, (rate, _) in rates.items()}
     else:
-        models = {name: {"cpu_seconds_per_image": (os.cpu_count() or 1) / rate} for name, rate in rates.items()}
+        models = {name: {"cpu_seconds_per_image": cpu} for name, (_, cpu) in rates.items()}
     update_calibration(path, "embed", {"models": models}, " ".join(["python", "tools/bench_embed.py"] + sys.argv[1:]))
 
 

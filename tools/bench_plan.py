@@ -6,14 +6,15 @@ Every stage runs as a user runs it, one CLI command each, on ``../shared/data/im
 ``train``. For each command: wall time, CPU time, the peak resident memory of its largest process (``wait4``
 rusage: the command and the workers it waited for) and the bytes of its output folder.
 
-``--calibrate FILE --sizes A,B``: runs at two sizes and writes, per stage, the per-image CPU seconds (slope of
-CPU time), the fixed wall seconds (wall time minus the per-image part at the smaller size), memory as a base
-plus bytes per row (slope of the peak), and bytes per image; rates that small runs cannot measure (k-means
-GFLOP/s, store reads, NMI per row, other models) come from ``bench_kmeans``, ``bench_nmi``, ``bench_embed``
-and ``bench_train`` with ``--calibrate``.
+``--calibrate FILE --sizes A,B``: runs at two sizes and writes, per stage, the CPU seconds per image or
+sample (slope of CPU time), the serial start-up (CPU time at the smaller size minus that slope's share),
+memory as a base plus bytes per row (slope of the peak), and bytes per image; rates that small runs cannot
+measure (k-means GFLOP/s, store reads, NMI per row, other models) come from ``bench_kmeans``, ``bench_nmi``
+and ``bench_embed`` with ``--calibrate``.
 
-``--check --sizes A,B,C [--calibration FILE]``: runs at each size and prints, per stage, predicted / measured
-for wall time, peak memory and bytes (what BENCHMARKS.md records).
+``--check --sizes A,B,C [--calibration FILE] [--measurements FILE]``: runs at each size and prints, per
+stage, predicted / measured for wall time, CPU time, peak memory and bytes (what BENCHMARKS.md records);
+``--measurements`` saves the runs, or re-scores saved ones against the current plan without running them.
 
 Usage: python tools/bench_plan.py --calibrate calibration.json [--sizes 2000,8000]
        python tools/bench_plan.py --check [--sizes 1000,4000,16000] [--calibration calibration.json]
@@ -156,11 +157,13 @@ def calibrate(measured: dict[int, dict], args: argparse.Namespace) -> None:
     }, command)
     cpu, fixed = per_unit_and_fixed("embed")
     base, per_row = base_and_slope("embed", "peak_rss")
-    dim = MODEL_DIMS[args.model]  # float16 features (2 bytes a value); the rest of a row is its metadata
+    # The store's bytes per row over the feature dimension: float16 values after zstd, keys and metadata with
+    # them (a folder input has little metadata).
+    per_value = slope(small["embed"]["bytes"], large["embed"]["bytes"], sizes) / MODEL_DIMS[args.model]
     update_calibration(args.calibrate, "embed", {
         "models": {f"{args.model}@{args.image_size}": {"cpu_seconds_per_image": cpu}}, "fixed_cpu_seconds": fixed,
-        "base_rss_bytes": base, "bytes_per_row": per_row, "store_bytes_per_value": 2.0,
-        "metadata_bytes_per_row": slope(small["embed"]["bytes"], large["embed"]["bytes"], sizes) - 2.0 * dim,
+        "base_rss_bytes": base, "bytes_per_row": per_row, "store_bytes_per_value": per_value,
+        "metadata_bytes_per_row": 0.0,
     }, command)
     train_cpu = slope(small["train"]["cpu"] - small["embed"]["cpu"] - small["cluster"]["cpu"],
                       large["train"]["cpu"] - large["embed"]["cpu"] - large["cluster"]["cpu"], sizes)
@@ -212,6 +215,8 @@ def main() -> None:
     parser.add_argument("--tar", default=DEFAULT_TAR)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_plan"))
     parser.add_argument("--json", action="store_true", help="print one JSON line last")
+    parser.add_argument("--measurements", metavar="FILE",
+                        help="--check: score the runs saved in FILE if it exists (else run and save them there)")
     args = parser.parse_args()
     sizes = [int(v) for v in (args.sizes or ("2000,8000" if args.calibrate else "1000,4000,16000")).split(",")]
     if args.calibrate and len(sizes) != 2:
@@ -219,10 +224,17 @@ def main() -> None:
     if not os.path.exists(args.tar):
         sys.exit(f"{args.tar} not found (see ../shared/data/README.md)")
     os.makedirs(args.workdir, exist_ok=True)
-    measured = {}
-    for images in sizes:
-        measured[images] = run_stages(sized_tar(args.tar, images, args.workdir), images,
-                                      os.path.join(args.workdir, f"run-{images}"), args)
+    if args.measurements and os.path.exists(args.measurements):
+        with open(args.measurements, encoding="utf-8") as handle:
+            measured = {int(images): stages for images, stages in json.load(handle).items()}
+    else:
+        measured = {}
+        for images in sizes:
+            measured[images] = run_stages(sized_tar(args.tar, images, args.workdir), images,
+                                          os.path.join(args.workdir, f"run-{images}"), args)
+        if args.measurements:
+            with open(args.measurements, "w", encoding="utf-8") as handle:
+                json.dump(measured, handle, indent=1)
     if args.calibrate:
         calibrate(measured, args)
     else:

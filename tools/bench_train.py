@@ -104,8 +104,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--calibrate", metavar="FILE",
-                        help="store the local balanced-stream rate (small@32) for `dataengine plan`")
     args = parser.parse_args()
     from moto.server import ThreadedMotoServer
     import s3fs
@@ -137,15 +135,6 @@ def main() -> None:
     for name, values in rates.items():
         rate = statistics.median(values)
         print(f"{name:24s} {rate:8.1f} samples/s   ratio to in-memory {rate / ideal:.3f}")
-    if args.calibrate:
-        import sys
-
-        from dataengine.plan import update_calibration
-
-        rate = statistics.median(rates["local shards, balanced"])  # the step runs on the CPU, every core busy
-        update_calibration(args.calibrate, "train", {"models": {"small@32": {
-                               "cpu_seconds_per_sample": (os.cpu_count() or 1) / rate}}},
-                           " ".join(["python", "tools/bench_train.py"] + sys.argv[1:]))
 
 
 if __name__ == "__main__":

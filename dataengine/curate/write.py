@@ -199,10 +199,14 @@ def write_shards(out: Location, source: ShardSet, rows: np.ndarray, shard_size: 
         wanted = rows[(rows >= shard.first_row + first) & (rows < shard.first_row + end)]
         for sample, row in _samples_at(shard, wanted, source.storage_options):
             meta = metadata[position]
-            if sample["__key__"] != meta["key"] or "jpg" not in sample or "json" not in sample:
-                raise InputUnusableError(f"{shard.url}: sample {row - shard.first_row} is "
-                                         f"{sample['__key__']!r}, metadata.parquet says {meta['key']!r} with a .jpg "
-                                         "and a .json; the ingest output changed after embedding")
+            if sample["__key__"] != meta["key"]:
+                raise InputUnusableError(f"{shard.url}: sample {row - shard.first_row} is {sample['__key__']!r}, "
+                                         f"metadata.parquet says {meta['key']!r}; the ingest output changed after "
+                                         "embedding")
+            if "jpg" not in sample or "json" not in sample:
+                raise InputUnusableError(f"{shard.url}: sample {sample['__key__']!r} has members "
+                                         f"{sorted(k for k in sample if not k.startswith('__'))}; curate copies "
+                                         "samples in the ingest layout (a .jpg and a .json)")
             writer.add(meta["key"], sample["jpg"], sample["json"], meta)
             position += 1
             if progress:

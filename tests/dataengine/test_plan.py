@@ -82,7 +82,8 @@ def test_object_storage_holds_the_outputs_and_disk_the_scratch():
     for stage in ("ingest", "embed", "cluster"):
         assert local[stage].object_bytes == 0 and remote[stage].object_bytes > 0
         assert remote[stage].disk_bytes < local[stage].disk_bytes
-    assert remote["ingest"].object_bytes + remote["ingest"].disk_bytes == local["ingest"].disk_bytes
+    assert remote["ingest"].object_bytes == local["ingest"].disk_bytes  # a local output is built in place...
+    assert 0 < remote["ingest"].disk_bytes < 10**8  # ...a remote one in a local scratch shard first
 
 
 def test_neighbor_index_only_in_a_single_process_and_within_its_budget():
