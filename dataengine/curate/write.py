@@ -6,7 +6,8 @@ The output has the layout of an ingest output (see :mod:`dataengine.shards`), so
     OUT/curate_config.json          the output-defining config (a re-run with another one is refused)
     OUT/selection.npz               every source row's status, cluster, earlier near-duplicate and similarity
     OUT/ledger.jsonl                the same, one JSON line per source row, in source order
-    OUT/shards/shard-000000.tar     the kept samples (<key>.jpg + <key>.json, bytes as in the source)
+    OUT/shards/shard-000000.tar     the kept samples (<key>.jpg, <key>.json and any sidecars, bytes as in the
+                                    source)
     OUT/meta/shard-000000.parquet   their metadata rows (shard, position, offset and size of the new tars)
     OUT/stats/shard-000000.json     a shard is done only when its stats exist (done shards form a prefix)
     OUT/metadata.parquet            one row per kept sample, in shard order
@@ -151,13 +152,15 @@ class CuratedShardWriter:
         self._tar: TarWriter | None = None
         self._meta: list[dict[str, Any]] = []
 
-    def add(self, key: str, jpeg: bytes, document: bytes, meta: dict[str, Any]) -> None:
-        """Append one sample (its metadata row is completed with its place in the new shard)."""
+    def add(self, key: str, jpeg: bytes, document: bytes, meta: dict[str, Any],
+            extras: tuple[tuple[str, bytes], ...] = ()) -> None:
+        """Append one sample, sidecar members ``extras`` included (its metadata row is completed with its place
+        in the new shard)."""
         if self._tar is None:
             self._tar = TarWriter(os.path.join(self.scratch, f"{shard_name(self.index)}.tar.partial"))
         meta.update(shard=self.index, position=len(self._meta), offset=self._tar.offset + IMAGE_DATA_OFFSET,
                     size=len(jpeg))
-        self._tar.write(sample_members(key, jpeg, document))
+        self._tar.write(sample_members(key, jpeg, document, extras))
         self._meta.append(meta)
         if len(self._meta) == self.shard_size:
             self.close_shard()
@@ -207,7 +210,9 @@ def write_shards(out: Location, source: ShardSet, rows: np.ndarray, shard_size: 
                 raise InputUnusableError(f"{shard.url}: sample {sample['__key__']!r} has members "
                                          f"{sorted(k for k in sample if not k.startswith('__'))}; curate copies "
                                          "samples in the ingest layout (a .jpg and a .json)")
-            writer.add(meta["key"], sample["jpg"], sample["json"], meta)
+            extras = tuple((extension, data) for extension, data in sample.items()  # sidecars, in tar order
+                           if not extension.startswith("__") and extension not in ("jpg", "json"))
+            writer.add(meta["key"], sample["jpg"], sample["json"], meta, extras)
             position += 1
             if progress:
                 progress(1)

@@ -301,3 +301,35 @@ def test_rows_without_features_are_never_kept(corpus, tmp_path):
     assert [e["status"] for e in ledger[:7]] == ["invalid"] * 7 and result.counts["invalid"] == 7
     assert all(e["cluster"] is None and e["similarity"] is None for e in ledger[:7])
     assert result.num_selected == len(ledger) - 7 - result.counts["near_duplicate"]
+
+
+def test_sidecars_of_an_ingested_webdataset_are_kept(tmp_path):
+    """An ingest of a webdataset tar keeps each sample's sidecars (.txt here); a curation copies them too."""
+    import io
+    import tarfile
+
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with tarfile.open(tmp_path / "source.tar", "w") as tar:
+        for i in range(24):
+            image = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(image, "JPEG")
+            for extension, data in (("jpg", image.getvalue()), ("json", b'{"caption": "c"}'),
+                                    ("txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(f"sample{i:03d}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    run_ingest(IngestConfig(images=str(tmp_path / "source.tar"), out=str(tmp_path / "ingest"), workers=0))
+    run_embed(EmbedConfig(shards=str(tmp_path / "ingest"), out=str(tmp_path / "store"), model="small", image_size=32,
+                          workers=0, batch_size=32))
+    run_cluster(ClusterConfig(store=str(tmp_path / "store"), name="c", levels=(2, 2), pca_dim=8, num_iterations=3,
+                              num_threads=1))
+    result = run_curate(CurateConfig(store=str(tmp_path / "store"), clustering="c", out=str(tmp_path / "out"),
+                                     total=10))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    samples = list(wds.WebDataset([str(tmp_path / "out" / s["name"]) for s in manifest["shards"]],
+                                  shardshuffle=False))
+    assert len(samples) == result.num_selected == 10
+    assert all(s["txt"].decode() == f"caption {int(s['__key__'][6:])}" for s in samples)
