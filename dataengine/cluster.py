@@ -120,9 +120,37 @@ class ClusterResult:
     neighbor_index: str | None = None
     already_complete: bool = False
     """True when the same clustering was found complete and nothing was computed."""
+    ranks: int = 1
+    """Processes that computed it (torchrun's ranks)."""
+    warnings: list[str] = field(default_factory=list)
+    """Levels asking for clusters too small to mean much (:func:`size_warnings`)."""
+
+    @property
+    def num_leaf_clusters(self) -> int:
+        """Clusters of the finest level (the trainer's pseudo-labels)."""
+        return self.num_clusters[-1] if self.num_clusters else 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(asdict(self), num_leaf_clusters=self.num_leaf_clusters)
+
+
+MIN_ROWS_PER_CLUSTER = 10
+"""A level whose clusters would hold fewer rows than this on average is warned about (:func:`size_warnings`)."""
+
+
+def size_warnings(levels: tuple[int, ...] | list[int], num_rows: int) -> list[str]:
+    """One line per level asking for more clusters than ``num_rows`` / :data:`MIN_ROWS_PER_CLUSTER`: the
+    clusters of level ``l`` number ``levels[0] x ... x levels[l]``, and below 10 rows a cluster's centroid is
+    mostly the noise of its few rows (k-means' own rule of thumb; FAISS warns below 39 training rows per
+    centroid)."""
+    warnings, clusters = [], 1
+    for level, k in enumerate(levels):
+        clusters *= int(k)
+        if clusters * MIN_ROWS_PER_CLUSTER > num_rows:
+            warnings.append(f"level {level} asks for {clusters:,} clusters of {num_rows:,} rows: "
+                            f"{num_rows / clusters:.1f} rows per cluster on average, fewer than "
+                            f"{MIN_ROWS_PER_CLUSTER}; use fewer clusters (--levels) for clusters that mean something")
+    return warnings
 
 
 # Assignment chunks hold up to this many feature chunks (fewer when a rank's range needs it).
@@ -169,7 +197,8 @@ def _finished(store: FeatureStore, config: ClusterConfig) -> ClusterResult | Non
                                 f"configuration (differs in {what}); use --overwrite or another --name")
     logger.info("clustering %r in %s is already complete with this configuration; nothing to do",
                 config.name, store.url)
-    return ClusterResult(**dict(attrs["summary"], seconds=0.0, already_complete=True))
+    recorded_summary = {k: v for k, v in attrs["summary"].items() if k != "num_leaf_clusters"}  # a property
+    return ClusterResult(**dict(recorded_summary, seconds=0.0, already_complete=True))
 
 
 def run_cluster(config: ClusterConfig, progress: Callable[[int], None] | None = None,
@@ -200,6 +229,14 @@ def run_cluster(config: ClusterConfig, progress: Callable[[int], None] | None = 
     if config.pca_dim is not None and config.pca_dim > store.dim:
         raise ValueError(f"pca_dim={config.pca_dim} is larger than the feature dimension {store.dim}; "
                          f"use --pca {store.dim} or less")
+    warnings = size_warnings(config.levels, int(np.count_nonzero(store.valid)))
+    if reducer.rank == 0:
+        for line in warnings:
+            logger.warning("%s", line)
+        if config.neighbor_index and reducer.world_size > 1:
+            logger.warning("no neighbour index: %d ranks cluster the rows, and the index over every row is built "
+                           "by a single process (`dataengine cluster` without torchrun); `dataengine neighbors` "
+                           "will not work on clustering %r", reducer.world_size, config.name)
     set_num_threads(config.num_threads)
     store = open_store(config.store, config.storage_options, mode="r+")
     writer = ClusteringWriter(store, config.name)
@@ -217,7 +254,7 @@ def run_cluster(config: ClusterConfig, progress: Callable[[int], None] | None = 
         num_clusters=[level.num_clusters for level in result.levels],
         objective=[float(level.objective) for level in result.levels],
         empty_splits=[int(level.empty_splits.sum()) for level in result.levels],
-        num_rows=store.num_rows, seconds=0.0,
+        num_rows=store.num_rows, seconds=0.0, ranks=reducer.world_size, warnings=warnings,
     )
     error = None
     if reducer.rank == 0:
@@ -237,6 +274,14 @@ def run_cluster(config: ClusterConfig, progress: Callable[[int], None] | None = 
         raise error or RuntimeError(f"rank 0 could not finish clustering {config.name!r}; see its log")
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def progress_total(config: ClusterConfig, num_rows: int, rank: int = 0, world_size: int = 1) -> int:
+    """The rows :func:`run_cluster` reports to ``progress`` on ``rank`` in all, for a store of ``num_rows`` rows
+    (nothing read): the PCA pass, then each level's final assignment, over the rank's rows."""
+    chunk_rows = open_store(config.store, config.storage_options).features.chunks[0]
+    lo, hi = _rank_bounds(num_rows, chunk_rows, rank, world_size)
+    return (1 + len(config.levels)) * (hi - lo)
 
 
 def _fit(features: Any, lo: int, hi: int, config: ClusterConfig, reducer: Any,

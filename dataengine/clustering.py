@@ -212,6 +212,20 @@ class Clustering:
         """True when the clustering was built with a neighbour index over its rows."""
         return self.store.has(layout_path(self.name, _NEIGHBOR_INDEX))
 
+    def why_no_neighbor_index(self) -> str:
+        """Why the clustering has no neighbour index, from what it recorded, with what to do about it."""
+        again = f"re-run `dataengine cluster --name {self.name} --overwrite` in one process (not under torchrun)"
+        if self.assigned_from:
+            source = self.assigned_from
+            return (f"its rows were assigned with clustering {source.get('name')!r} of {source.get('store')}; "
+                    "query that store, or cluster this one")
+        if not self.attrs.get("config", {}).get("neighbor_index", True):
+            return f"it was built with --no-neighbor-index; {again}"
+        ranks = int(self.summary.get("ranks", 1))
+        if ranks > 1:
+            return f"it was clustered on {ranks} ranks (torchrun), which build none; {again}"
+        return f"the clustering recorded none; {again}"
+
     def neighbor_index(self, dim: int) -> Any:
         """The FAISS index over every whitened row (ids = rows), checked to hold ``dim``-d rows of the store.
 
@@ -222,8 +236,7 @@ class Clustering:
         from indexes.faiss_index import index_from_bytes
 
         if not self.has_neighbor_index:
-            raise KeyError(f"clustering {self.name!r} has no neighbour index (it was built with --no-neighbor-index "
-                           "or on several ranks)")
+            raise KeyError(f"clustering {self.name!r} has no neighbour index: {self.why_no_neighbor_index()}")
         return index_from_bytes(self.store.read_array(layout_path(self.name, _NEIGHBOR_INDEX)).tobytes(), dim=dim,
                                 num_vectors=self.store.num_rows, what=f"neighbour index of clustering {self.name!r}")
 

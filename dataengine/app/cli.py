@@ -66,8 +66,13 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+def progress_bar(description: str, total: int | None = None, unit: str = "rows",
+                 completed: int = 0) -> Iterator[Callable[..., None]]:
     """Yield a callback ``update(advance=1, total=None, description=None)`` driving a rich progress bar.
+
+    The bar shows done/total (``total`` None: done/?), the rate in ``unit`` per second of this run and, with
+    a total, the time left. ``completed``: units done by an earlier run (a resumed output), counted in the
+    done/total but not in the rate.
 
     Without a terminal (scripts, CI, logs) there is no bar to draw: the callback does nothing, and rich.progress
     is not even imported (0.03 CPU-s, taken from the workers of a short ingest).
@@ -75,17 +80,10 @@ def progress_bar(description: str, total: int | None = None) -> Iterator[Callabl
     if not console.is_terminal:
         yield lambda advance=1, total=None, description=None: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress
 
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
-        task = progress.add_task(description, total=total)
+    with Progress(*_columns(unit), console=console, transient=False, disable=not console.is_terminal) as progress:
+        task = progress.add_task(description, total=total, completed=completed)
 
         def update(advance: int = 1, total: int | None = None, description: str | None = None) -> None:
             kwargs: dict[str, Any] = {"advance": advance}
@@ -96,6 +94,32 @@ def progress_bar(description: str, total: int | None = None) -> Iterator[Callabl
             progress.update(task, **kwargs)
 
         yield update
+
+
+def _columns(unit: str) -> list[Any]:
+    """The bar's columns: description, bar, done/total (done/? without a total), the rate of this run in
+    ``unit``/s (rich's speed: the updates of the last 30 s, so a resumed count never inflates it), elapsed
+    and remaining time (rich.progress imported here, only when a bar is drawn)."""
+    from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Done(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            total = "?" if task.total is None else f"{int(task.total):,}"
+            return Text(f"{int(task.completed):,}/{total}", style="progress.download")
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("? " if speed is None else rate_text(speed) + f" {unit}/s", style="progress.data.speed")
+
+    return [TextColumn("[bold]{task.description}"), BarColumn(), Done(), Rate(), TimeElapsedColumn(),
+            TimeRemainingColumn()]
+
+
+def rate_text(per_second: float) -> str:
+    """A rate on 3 significant digits: ``0.512``, ``12.3``, ``4,350``."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
 
 
 class Timer:

@@ -35,7 +35,8 @@ def cluster(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
     """PCA-whiten the features and run hierarchical k-means; store ids, centroids and indices."""
-    from dataengine.cluster import ClusterConfig, run_cluster
+    from dataengine.cluster import ClusterConfig, progress_total, run_cluster
+    from dataengine.store import open_store
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
     from indexes import distributed
@@ -50,8 +51,11 @@ def cluster(
             storage_options=parse_storage_options(storage_options),
         )
         # The reductions are of numpy arrays: gloo, whatever devices the machine has.
-        with distributed.process_group("cpu"), progress_bar(f"cluster {name}") as update:
-            result = run_cluster(config, progress=update, reducer=distributed.reducer())
+        with distributed.process_group("cpu") as placement:
+            total = (progress_total(config, open_store(store, config.storage_options).num_rows, placement.rank,
+                                    placement.world_size) if console.is_terminal else None)
+            with progress_bar(f"cluster {name}", total=total) as update:
+                result = run_cluster(config, progress=update, reducer=distributed.reducer())
     except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
         fail(str(exc))
     if result.already_complete:
@@ -61,6 +65,11 @@ def cluster(
             for level, (k, obj, splits) in enumerate(zip(result.num_clusters, result.objective, result.empty_splits))]
     print_table(f"clustering {name}: {result.num_rows} rows in {result.seconds:.1f} s",
                 ["level", "clusters", "objective", "empty splits"], rows)
+    console.print(f"{result.num_leaf_clusters:,} leaf clusters (--levels {','.join(map(str, result.levels))}), "
+                  f"{result.num_rows / max(result.num_leaf_clusters, 1):.1f} rows per leaf cluster on average; "
+                  f"neighbour index: {result.neighbor_index or 'none'}")
+    for line in result.warnings if result.already_complete else ():  # a fresh run logged them as it started
+        console.print(f"[yellow]warning:[/yellow] {line}", soft_wrap=True)
     emit_summary(result.to_dict(), as_json)
 
 

@@ -42,6 +42,7 @@ def embed(
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
     from dataengine.models import WeightsMismatchError
+    from dataengine.shards import load_shard_set
     from indexes import distributed
 
     try:
@@ -52,7 +53,9 @@ def embed(
             chunk_rows=chunk_rows, chunks_per_shard=chunks_per_shard, seed=seed, device=device,
             num_threads=threads, storage_options=parse_storage_options(storage_options), overwrite=overwrite,
         )
-        with distributed.process_group(device) as placement, progress_bar("embed rows") as update:
+        total = load_shard_set(shards, config.storage_options).num_samples if console.is_terminal else None
+        with distributed.process_group(device) as placement, progress_bar(
+                "embed", total=total if placement.world_size == 1 else None) as update:
             if placement.rank == 0 and config.random_init:
                 console.print(f"[yellow]warning:[/yellow] no pretrained weights: embedding with a randomly "
                               f"initialised {config.model or 'resnet18'} (seed {seed}); name weights with --model "

@@ -33,13 +33,15 @@ def report(
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
     from dataengine.report import ReportConfig, run_report
+    from dataengine.report.run import progress_total
 
     try:
         config = ReportConfig(store=store, clustering=clustering, out=out, compare=tuple(compare or ()), level=level,
                               shards=shards, thumbnails=thumbnails, gps_cell_deg=gps_cell_deg, block_rows=block_rows,
                               seed=seed, nmi_average=nmi_average,
                               storage_options=parse_storage_options(storage_options))
-        with progress_bar("report rows") as update:
+        total = progress_total(config) if console.is_terminal else None
+        with progress_bar("report", total=total) as update:
             result = run_report(config, progress=update)
     except (ValueError, KeyError, DataEngineError, FileNotFoundError) as exc:
         fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from dataengine.fs import Location
+from dataengine.metrics.labels import KIND_HASHTAG
 from dataengine.metrics.store import StoreLabels, evaluate_store, row_blocks
 from dataengine.report.clusterings import Series, comparisons, coverage_warnings, open_series
 from dataengine.report.config import ReportConfig, ReportResult, SelectedCluster
@@ -25,7 +26,7 @@ def run_report(config: ReportConfig, progress: Callable[[int], None] | None = No
 
     Args:
         config: what to report on and where.
-        progress: called with the number of rows of each block read (the store is read three times).
+        progress: called with the number of rows of each block read (:func:`progress_total` in all).
 
     Raises:
         FileNotFoundError: no store at ``config.store``, or no ingest output for the thumbnails.
@@ -42,6 +43,14 @@ def run_report(config: ReportConfig, progress: Callable[[int], None] | None = No
     finally:
         if reader is not None:
             reader.close()
+
+
+def progress_total(config: ReportConfig) -> int:
+    """The rows :func:`run_report` reports to its ``progress`` callback in all: one pass over the store, a tag
+    pass before it when the store holds hashtags, and one more with ``thumbnails`` (when a cluster is drawn)."""
+    store = open_store(config.store, config.storage_options)
+    has_tags = KIND_HASHTAG in StoreLabels(store, config.gps_cell_deg).kinds
+    return store.num_rows * (1 + int(has_tags) + int(config.thumbnails))
 
 
 def _run(store: FeatureStore, reader: Any, config: ReportConfig, progress: Callable[[int], None] | None,

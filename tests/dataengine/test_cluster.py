@@ -116,13 +116,35 @@ def _rank_main(rank: int, world_size: int, port: int, config: ClusterConfig) -> 
 
 def test_two_gloo_ranks_give_the_single_process_clustering(store_url, free_port):
     run_cluster(_config(store_url, "single", overwrite=True, neighbor_index=False))
-    config = _config(store_url, "dist", overwrite=True, neighbor_index=False)
+    config = _config(store_url, "dist", overwrite=True)  # asks for a neighbour index, which ranks do not build
     torch.multiprocessing.spawn(_rank_main, args=(2, free_port, config), nprocs=2, join=True)
     store = open_store(store_url)
     for level in range(2):
         assert np.array_equal(open_clustering(store, "single").assignments(level),
                               open_clustering(store, "dist").assignments(level))
     assert open_clustering(store, "dist").attrs["complete"]
+    key = str(store.keys[0])
+    with pytest.raises(KeyError, match="clustered on 2 ranks") as ranks:  # not "built with --no-neighbor-index"
+        neighbors_of_key(store_url, key, 3, "dist")
+    assert "--no-neighbor-index" not in str(ranks.value)
+    with pytest.raises(KeyError, match="built with --no-neighbor-index"):
+        neighbors_of_key(store_url, key, 3, "single")
+
+
+def test_leaf_clusters_counted_and_tiny_clusters_warned(tmp_path, caplog):
+    from dataengine.cluster import size_warnings
+
+    assert size_warnings((4, 8), 320) == [] and size_warnings((4,), 40) == [] and len(size_warnings((4,), 39)) == 1
+    assert [w[:39] for w in size_warnings((4, 8), 319)] == ["level 1 asks for 32 clusters of 319 rows"]
+    assert len(size_warnings((40, 2), 100)) == 2
+    store = synthetic_store(str(tmp_path / "s"), 60, 16)
+    result = run_cluster(ClusterConfig(store=store, name="c", levels=(2, 4), pca_dim=None, num_threads=1,
+                                       neighbor_index=False))
+    assert result.num_leaf_clusters == 8 == result.to_dict()["num_leaf_clusters"]
+    assert result.warnings == size_warnings((2, 4), 60) and "level 1 asks for 8 clusters" in caplog.text
+    again = run_cluster(ClusterConfig(store=store, name="c", levels=(2, 4), pca_dim=None, num_threads=1,
+                                      neighbor_index=False))
+    assert again.already_complete and again.num_leaf_clusters == 8 and again.warnings == result.warnings
 
 
 def synthetic_store(path: str, num_rows: int, chunk_rows: int, invalid: tuple[int, ...] = (), dim: int = 8) -> str:
