@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from dataengine.app.cli import app, console, emit_summary, fail, parse_ints, print_table, progress_bar
+from dataengine.app.plan import DRY_RUN_HELP, show_dry_run
 
 SAMPLE_HELP = ("Training rows of each level's k-means: k x P rows of its group, 0 = every row (up to "
                "--max-sample-rows); one value per level, the last for deeper levels.")
@@ -32,6 +33,7 @@ def cluster(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every core)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a clustering of the same name."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
     """PCA-whiten the features and run hierarchical k-means; store ids, centroids and indices."""
@@ -50,6 +52,11 @@ def cluster(
             index_memory_bytes=int(index_memory_gb * (1 << 30)), num_threads=threads, overwrite=overwrite,
             storage_options=parse_storage_options(storage_options),
         )
+        if dry_run:
+            from dataengine.dryrun import cluster_dry_run
+
+            show_dry_run(cluster_dry_run(config), as_json)
+            return
         # The reductions are of numpy arrays: gloo, whatever devices the machine has.
         with distributed.process_group("cpu") as placement:
             total = (progress_total(config, open_store(store, config.storage_options).num_rows, placement.rank,

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from dataengine.app.cli import app, console, emit_summary, fail, progress_bar
+from dataengine.app.plan import DRY_RUN_HELP, show_dry_run
 
 
 @app.command()
@@ -35,6 +36,7 @@ def embed(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with another configuration."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
     """Embed every sample of an ingest output into a chunked Zarr feature store, resumably."""
@@ -53,6 +55,11 @@ def embed(
             chunk_rows=chunk_rows, chunks_per_shard=chunks_per_shard, seed=seed, device=device,
             num_threads=threads, storage_options=parse_storage_options(storage_options), overwrite=overwrite,
         )
+        if dry_run:
+            from dataengine.dryrun import embed_dry_run
+
+            show_dry_run(embed_dry_run(config), as_json)
+            return
         total = load_shard_set(shards, config.storage_options).num_samples if console.is_terminal else None
         with distributed.process_group(device) as placement, progress_bar(
                 "embed", total=total if placement.world_size == 1 else None) as update:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from dataengine.app.cli import app, console, emit_summary, fail, print_table, progress_bar, rate_text
+from dataengine.app.plan import DRY_RUN_HELP, show_dry_run
 
 
 def _node_split(num_nodes: Optional[int], node_rank: Optional[int]) -> tuple[int, int]:
@@ -42,6 +43,7 @@ def ingest(
     download_retries: int = typer.Option(2, "--download-retries", help="Retries of transient HTTP failures."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an ingest made with another configuration."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
     """Ingest images (+ YFCC100M metadata) into sharded webdataset tar streams, resumably."""
@@ -71,6 +73,11 @@ def ingest(
             download_timeout=download_timeout, download_retries=download_retries, storage_options=options,
             overwrite=overwrite,
         )
+        if dry_run:
+            from dataengine.dryrun import ingest_dry_run
+
+            show_dry_run(ingest_dry_run(config), as_json)
+            return
         done_now = [0]  # rows processed by this run (a resumed run's earlier rows are not counted in its rate)
         with contextlib.ExitStack() as stack:
             bar: list = []

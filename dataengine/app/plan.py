@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from dataengine.app.cli import app, console, emit_summary, fail, print_table
+
+if TYPE_CHECKING:
+    from dataengine.dryrun import DryRun
+
+DRY_RUN_HELP = "Check the inputs and the output, print the resolved configuration and the plan; write nothing."
 
 
 def _bytes(value: int) -> str:
@@ -34,6 +39,35 @@ def _levels(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"--levels must be comma-separated integers like 4,256, got {text!r}") from None
+
+
+def print_plans(plans: list, title: str) -> None:
+    """The stages' plans as a table, then their notes (stderr)."""
+    rows = [[p.stage, _duration(p.seconds), p.processes, _bytes(p.peak_memory_bytes), _bytes(p.disk_bytes),
+             _bytes(p.object_bytes)] for p in plans]
+    print_table(title, ["stage", "wall time", "processes", "peak memory / process", "disk", "object storage"], rows)
+    for p in plans:
+        for note in p.notes:
+            console.print(f"{p.stage}: {note}")
+
+
+def show_dry_run(dry: "DryRun", as_json: bool) -> None:
+    """What a ``--dry-run`` found: the resolved configuration, the output's state and the plan (stderr), and
+    the ``--json`` summary."""
+    import json
+
+    from rich.text import Text
+
+    console.print(Text(f"{dry.stage} --dry-run: the resolved configuration (nothing is written)"))
+    console.print(Text(json.dumps(dry.config, indent=1, sort_keys=True, default=str)), soft_wrap=True)
+    rows = "unknown" if dry.rows is None else f"{dry.rows:,}"
+    todo = "" if dry.todo_rows is None else f", {dry.todo_rows:,} to process"
+    console.print(Text(f"input: {rows} rows{todo}; output: {dry.output}"))
+    if dry.plan is not None:
+        print_plans([dry.plan], f"{dry.stage}: plan (rates of BENCHMARKS.md)")
+    for note in dry.notes:
+        console.print(Text(f"note: {note}"), soft_wrap=True)
+    emit_summary(dry.to_dict(), as_json)
 
 
 @app.command()
@@ -75,16 +109,10 @@ def plan(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     plans = plan_run(config, rates)
-    rows = [[p.stage, _duration(p.seconds), p.processes, _bytes(p.peak_memory_bytes), _bytes(p.disk_bytes),
-             _bytes(p.object_bytes)] for p in plans]
     known = [p.seconds for p in plans if p.seconds is not None]
     total = sum(known) if len(known) == len(plans) else None
-    print_table(f"plan: {images:,} images on {nodes} node(s) x {config.cores} cores"
-                + (f" x {gpus} GPUs" if gpus else "") + f"; total {_duration(total)}",
-                ["stage", "wall time", "processes", "peak memory / process", "disk", "object storage"], rows)
-    for p in plans:
-        for note in p.notes:
-            console.print(f"{p.stage}: {note}")
+    print_plans(plans, f"plan: {images:,} images on {nodes} node(s) x {config.cores} cores"
+                + (f" x {gpus} GPUs" if gpus else "") + f"; total {_duration(total)}")
     console.print(f"rates: {calibration or 'BENCHMARKS.md defaults'} ({rates['machine']})")
     emit_summary({"config": {k: v for k, v in vars(config).items()}, "stages": [p.to_dict() for p in plans],
                   "total_seconds": total, "calibration": calibration}, as_json)

@@ -6,12 +6,17 @@ The trainer is imported inside the commands, so the other commands (and ``--help
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from dataengine.app.cli import app, console, emit_summary, fail, parse_ints, print_table, progress_bar
 from dataengine.app.cluster import MAX_SAMPLE_HELP, SAMPLE_HELP
+from dataengine.app.plan import DRY_RUN_HELP, show_dry_run
+
+if TYPE_CHECKING:
+    from dataengine.dryrun import DryRun
+    from trainer.config import TrainConfig
 
 
 @app.command()
@@ -62,6 +67,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed of everything random."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every core)."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
     """Train DeeperCluster (or DeepCluster, RotNet, ClusterFit) on streamed shards, resumably."""
@@ -89,6 +95,9 @@ def train(
                                     time_budget=time_budget, budget_clock=budget_clock),
             distributed=DistributedConfig(num_threads=threads),
         )
+        if dry_run:
+            show_dry_run(_train_dry_run(config), as_json)
+            return
         # The trainer's tensors (gradients included) are on the CPU: gloo, whatever devices the machine has.
         with process_group("cpu"), progress_bar(f"train {mode}") as update:
             result = run_train(config, progress=update)
@@ -99,6 +108,24 @@ def train(
     print_table(f"train {mode}: {result.epochs} epochs, {result.steps} steps in {result.seconds:.1f} s",
                 ["epoch", "loss", "samples/s", "NMI t-1/t"], rows)
     emit_summary(dict(result.to_dict(), metrics=os.path.join(out, "metrics.jsonl")), as_json)
+
+
+def _train_dry_run(config: "TrainConfig") -> "DryRun":
+    """The trainer's dry run: its input shards, the run folder (a checkpoint of this configuration resumes, one of
+    another is refused, as the run would), the plan."""
+    from dataengine.dryrun import DryRun, train_plan
+    from dataengine.shards import load_shard_set
+    from trainer.checkpoint import checkpoint_path, read_checkpoint_state
+
+    if os.path.isfile(config.out):
+        raise ValueError(f"{config.out} is a file, not a run folder; choose another --out")
+    rows = load_shard_set(config.data.shards, config.data.storage_options).num_samples
+    state = read_checkpoint_state(checkpoint_path(config.out), config)
+    output = "new" if state is None else "resume"
+    plan = train_plan(rows, epochs=config.schedule.epochs, reassign_every=config.schedule.reassign_every,
+                      arch=config.model.arch, image_size=config.data.image_size,
+                      levels=tuple(config.clustering.levels), out=config.out)
+    return DryRun(stage="train", config=config.to_dict(), rows=rows, output=output, todo_rows=rows, plan=plan)
 
 
 @app.command("eval")

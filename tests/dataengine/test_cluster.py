@@ -135,7 +135,7 @@ def test_leaf_clusters_counted_and_tiny_clusters_warned(tmp_path, caplog):
     from dataengine.cluster import size_warnings
 
     assert size_warnings((4, 8), 320) == [] and size_warnings((4,), 40) == [] and len(size_warnings((4,), 39)) == 1
-    assert [w[:39] for w in size_warnings((4, 8), 319)] == ["level 1 asks for 32 clusters of 319 rows"]
+    assert [w[:40] for w in size_warnings((4, 8), 319)] == ["level 1 asks for 32 clusters of 319 rows"]
     assert len(size_warnings((40, 2), 100)) == 2
     store = synthetic_store(str(tmp_path / "s"), 60, 16)
     result = run_cluster(ClusterConfig(store=store, name="c", levels=(2, 4), pca_dim=None, num_threads=1,
