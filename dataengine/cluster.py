@@ -410,19 +410,11 @@ def nearest_neighbors(store: FeatureStore, name: str, row: int, k: int) -> tuple
 
 def neighbors_of_key(store_url: str, key: str, k: int, name: str | None,
                      storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``k`` nearest images of the image with ``key``: keys, rows, distances and leaf clusters."""
-    store = open_store(store_url, storage_options)
-    name = name or latest_clustering(store)
-    keys = [str(k) for k in store.keys[:]]
-    matches = np.flatnonzero(np.asarray(keys, dtype=object) == key)
-    if not matches.size:
-        raise KeyError(f"no image with key {key!r} in {store_url}")
-    rows, distances = nearest_neighbors(store, name, int(matches[0]), k)
-    clustering = open_clustering(store, name)
-    leaf = clustering.assignment_array(clustering.leaf_level)
-    return {"name": name, "key": key, "neighbors": [
-        {"key": str(keys[r]), "row": int(r), "distance": float(d), "cluster": int(leaf[int(r)])}
-        for r, d in zip(rows, distances)]}
+    """The ``k`` nearest images of the image with ``key`` (:func:`dataengine.neighbors.find_neighbors`, which
+    also takes a source path or an image file)."""
+    from dataengine.neighbors import find_neighbors
+
+    return find_neighbors(store_url, key, k, name, storage_options)
 
 
 def assign_store(store_url: str, name: str, features_url: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
@@ -108,21 +109,43 @@ def assign(
 @app.command()
 def neighbors(
     store: str = typer.Argument(..., help="Feature store holding the clustering."),
-    key: str = typer.Option(..., "--key", help="Key (photo id) of the query image."),
+    query: Optional[str] = typer.Argument(None, help="A key of the store, a source path of an ingested image (or "
+                                          "a path ending with it), or an image file (embedded with the store's "
+                                          "model)."),
+    key: Optional[str] = typer.Option(None, "--key", help="A key of the store (the QUERY argument takes keys too)."),
     k: int = typer.Option(9, "-k", help="Number of neighbours (the image itself included)."),
     name: Optional[str] = typer.Option(None, "--name", help="Clustering whose index to use (default: latest)."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Ingest output with the paths and labels (default: "
+                                         "the store's source)."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+    as_json: bool = typer.Option(False, "--json", help="Print only a JSON summary on stdout (the table on stderr)."),
 ) -> None:
-    """The nearest images of a photo, with their clusters."""
-    from dataengine.cluster import neighbors_of_key
+    """The nearest images of a key, a source path or an image file, with their clusters, labels and paths
+    (a table on stdout)."""
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
+    from dataengine.neighbors import find_neighbors
 
+    if (query is None) == (key is None):
+        fail("give one QUERY (a key, a source path or an image file), or --key KEY")
     try:
-        found = neighbors_of_key(store, key, k, name, parse_storage_options(storage_options))
+        found = find_neighbors(store, query or key, k, name, parse_storage_options(storage_options), shards)
     except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
-        fail(str(exc))
-    print_table(f"{k} nearest images of {key} (clustering {found['name']})", ["key", "row", "distance", "cluster"],
-                [[n["key"], n["row"], n["distance"], n["cluster"]] for n in found["neighbors"]])
+        fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+    lines = neighbor_lines(found)
+    if as_json:
+        console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
     emit_summary(found, as_json)
+
+
+def neighbor_lines(found: dict) -> list[str]:
+    """A plain table of the neighbours: a title, a header, one aligned line each (paths last, never cut)."""
+    header = ["rank", "distance", "cluster", "label", "key", "path"]
+    rows = [[str(i), f"{n['distance']:.4f}", str(n["cluster"]), n["label"] or "-", n["key"], n["path"] or "-"]
+            for i, n in enumerate(found["neighbors"])]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
+    title = (f"# {len(rows)} nearest images of {found['query_kind']} {found['query']} "
+             f"(clustering {found['name']})")
+    return [title] + ["  ".join([*(v.ljust(w) for v, w in zip(r, widths)), r[-1]]).rstrip() for r in [header, *rows]]

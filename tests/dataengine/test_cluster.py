@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -82,6 +83,32 @@ def test_saved_index_assigns_rows_like_the_clustering(store_url, tmp_path):
     assert np.array_equal(level0, open_clustering(store, "idx").parents(1)[level1])
     found = neighbors_of_key(store_url, str(store.keys[5]), 4, "idx")
     assert found["neighbors"][0]["row"] == 5 and len(found["neighbors"]) == 4
+
+
+def test_neighbors_of_a_key_a_source_path_or_an_image_file_on_stdout(store_url, tmp_path):
+    import shutil
+
+    run_cluster(_config(store_url, "nn", overwrite=True))
+    store = open_store(store_url)
+    key = str(store.keys[7])
+    images = os.path.join(os.path.dirname(store_url), "corpus", "images")
+    command = [sys.executable, "-m", "dataengine", "neighbors", store_url, "--name", "nn", "-k", "3"]
+    table = subprocess.run([*command, key], check=True, capture_output=True, text=True).stdout.splitlines()
+    assert table[0].startswith(f"# 3 nearest images of key {key}") and table[1].split()[-1] == "path"
+    assert table[2].split()[4] == key and table[2].split()[5] == f"{images}/{key}.jpg"  # itself, with its path
+    by_path = json.loads(subprocess.run([*command, f"{images}/{key}.jpg", "--json"], check=True, capture_output=True,
+                                        text=True).stdout.splitlines()[-1])
+    assert by_path["query_kind"] == "source" and by_path["query_row"] == 7 and by_path["neighbors"][0]["row"] == 7
+    shutil.copy(f"{images}/{key}.jpg", tmp_path / "query.jpg")  # not an ingested path: embedded with the model
+    by_image = json.loads(subprocess.run([*command, str(tmp_path / "query.jpg"), "--json"], check=True,
+                                         capture_output=True, text=True).stdout.splitlines()[-1])
+    assert by_image["query_kind"] == "image" and by_image["query_row"] is None
+    assert by_image["neighbors"][0]["key"] == key  # the ingest re-encoded it: near, not at distance 0
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    for query, message in ((str(tmp_path / "junk.jpg"), "not an image that can be decoded"),
+                           ("no-such-thing", "no key of the store")):
+        bad = subprocess.run([*command, query], capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_assign_another_store(store_url, tmp_path):
