@@ -408,6 +408,24 @@ def nearest_neighbors(store: FeatureStore, name: str, row: int, k: int) -> tuple
     return rows[rows >= 0], distances[0][rows >= 0]
 
 
+def metadata_nmi(store_url: str, name: str, storage_options: dict[str, Any] | None = None,
+                 seed: int = 0) -> dict[str, dict[str, Any]]:
+    """NMI of the leaf clusters against every metadata kind the store holds (user, hashtag, GPS cell, device,
+    label), each with its chance level (the NMI of the same cluster sizes shuffled, seeded): the headline of a
+    clustering, as ``dataengine report`` scores it. Empty when the store holds no metadata."""
+    from dataengine.metrics.store import StoreLabels, evaluate_store, row_blocks
+
+    store = open_store(store_url, storage_options)
+    labels = StoreLabels(store)
+    if not labels.kinds:
+        return {}
+    clustering = open_clustering(store, name)
+    ids = clustering.assignment_array(clustering.leaf_level)
+    blocks = row_blocks(store.num_rows, max(store.features.chunks[0], 1 << 16))
+    scores = evaluate_store(labels, {"leaf": ids}, blocks).nmi(chance_seed=seed)["leaf"]
+    return {kind: result.as_dict() for kind, result in scores.items()}
+
+
 def neighbors_of_key(store_url: str, key: str, k: int, name: str | None,
                      storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``k`` nearest images of the image with ``key`` (:func:`dataengine.neighbors.find_neighbors`, which

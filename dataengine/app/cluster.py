@@ -38,7 +38,7 @@ def cluster(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
     """PCA-whiten the features and run hierarchical k-means; store ids, centroids and indices."""
-    from dataengine.cluster import ClusterConfig, progress_total, run_cluster
+    from dataengine.cluster import ClusterConfig, metadata_nmi, progress_total, run_cluster
     from dataengine.store import open_store
     from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
@@ -78,7 +78,20 @@ def cluster(
                   f"neighbour index: {result.neighbor_index or 'none'}")
     for line in result.warnings if result.already_complete else ():  # a fresh run logged them as it started
         console.print(f"[yellow]warning:[/yellow] {line}", soft_wrap=True)
-    emit_summary(result.to_dict(), as_json)
+    if placement.rank != 0:
+        return
+    nmi = metadata_nmi(store, name, config.storage_options, seed=seed)
+    if nmi:
+        print_table(f"leaf clusters vs metadata (NMI {nmi[next(iter(nmi))]['average_method']})",
+                    ["metadata", "NMI", "chance NMI", "vs chance", "coverage"],
+                    [[kind, _figure(r["nmi"]), _figure(r["chance_nmi"]),
+                      "within noise" if r["near_chance"] else "above", _figure(r["coverage"])]
+                     for kind, r in nmi.items()])
+    emit_summary(dict(result.to_dict(), nmi=nmi), as_json)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 @app.command()

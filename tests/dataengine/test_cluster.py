@@ -42,8 +42,13 @@ def _config(store_url: str, name: str, **kwargs) -> ClusterConfig:
 def test_cli_contract_and_layout_readable_with_zarr_alone(store_url):
     command = [sys.executable, "-m", "dataengine", "--quiet", "cluster", store_url, "--name", "cli",
                "--levels", "3,4", "--pca", "16", "--niter", "5", "--threads", "1", "--json"]
-    summary = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    summary = json.loads(done.stdout.splitlines()[-1])
     assert summary["name"] == "cli" and summary["levels"] == [3, 4] and summary["num_clusters"] == [3, 12]
+    assert summary["num_leaf_clusters"] == 12 and set(summary["nmi"]) >= {"user", "hashtag", "gps", "device"}
+    assert all(0 <= r["chance_nmi"] <= r["nmi"] + 0.2 for r in summary["nmi"].values())
+    human = " ".join(done.stderr.split())  # the headline figures without --json too
+    assert "12 leaf clusters" in human and "chance NMI" in human and "hashtag" in human
     assert len(summary["objective"]) == 2 and len(summary["empty_splits"]) == 2
     group = zarr.open_group(store_url, mode="r")
     level0, level1 = group[layout_path("cli", "level0")][:], group[layout_path("cli", "level1")][:]
