@@ -8,13 +8,17 @@ source path (from the ingest's ``metadata.parquet``).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import numpy as np
 
 from dataengine.clustering import latest_clustering, open_clustering
+from dataengine.errors import DataEngineError
 from dataengine.store import FeatureStore, open_store
+
+logger = logging.getLogger(__name__)
 
 
 def find_neighbors(store_url: str, query: str, k: int, name: str | None = None,
@@ -85,12 +89,14 @@ def _metadata(store: FeatureStore, storage_options: dict[str, Any] | None,
     from dataengine.shards import load_shard_set
 
     url = shards or store.attrs.get("source", {}).get("url")
-    try:
-        shard_set = load_shard_set(url, storage_options)
-        with open_input(shard_set.metadata_url, shard_set.storage_options) as handle:
-            table = pq.ParquetFile(handle).read(columns=["source", "label"])
-    except (FileNotFoundError, OSError, ValueError, TypeError):
-        table = None
+    table = None
+    if url:
+        try:
+            shard_set = load_shard_set(url, storage_options)
+            with open_input(shard_set.metadata_url, shard_set.storage_options) as handle:
+                table = pq.ParquetFile(handle).read(columns=["source", "label"])
+        except (OSError, ValueError, KeyError, DataEngineError) as exc:  # the ingest output moved or is gone
+            logger.warning("no paths or labels: the ingest output %s cannot be read (%s)", url, exc)
     if table is None or table.num_rows != store.num_rows:
         return {"source": [None] * store.num_rows, "label": [None] * store.num_rows, "root": None}
     images = shard_set.manifest.get("config", {}).get("images")
