@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from dataengine.errors import InputUnusableError, OutputExistsError
-from dataengine.fs import is_remote, open_input, url_to_fs
+from dataengine.fs import is_remote, open_input, url_to_fs, with_storage_defaults
 from dataengine.store import FeatureStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -371,7 +371,7 @@ class _atomic_output:
         if self.remote:
             import fsspec
 
-            self.handle = fsspec.open(self.url, "wb", **self.storage_options).open()
+            self.handle = fsspec.open(self.url, "wb", **with_storage_defaults(self.url, self.storage_options)).open()
         else:
             os.makedirs(os.path.dirname(os.path.abspath(self.url)), exist_ok=True)
             self.handle = open(self.partial, "wb")

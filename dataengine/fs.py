@@ -43,11 +43,45 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+S3_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 15}
+"""Seconds one attempt of an S3 request may take to connect, and to wait for each read of its response."""
+S3_RETRIES = {"mode": "standard", "total_max_attempts": 5}
+"""botocore's retries of one S3 request: 5 attempts in all, with exponential backoff and full jitter between them
+(connection errors, timeouts, 5xx answers and throttling are retried)."""
+
+
+def with_storage_defaults(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``storage_options`` for ``url`` with the network policy filled in where the caller set none.
+
+    For ``s3://``: :data:`S3_TIMEOUTS` per attempt, :data:`S3_RETRIES` and the HTTP session
+    :class:`dataengine.s3http.S3HTTPSession` (no ``Expect: 100-continue``, so that the read timeout bounds
+    every wait for an answer) go into botocore's ``config_kwargs`` (a caller's keys win; a caller's
+    ``retries`` keeps its attempt count and gets ``mode`` standard unless it names one). s3fs on top retries
+    a request as a whole (up to 5 times, backing off 0.1 s x 1.7^n) when the connection breaks or a read times
+    out. Every filesystem of the project is made from these options, so no request waits without a bound.
+    """
+    import copy
+
+    options = copy.deepcopy(dict(storage_options or {}))  # botocore rewrites the retries dict it is given
+    if "://" not in url or url.split("://", 1)[0] not in ("s3", "s3a"):
+        return options
+    from dataengine.s3http import S3HTTPSession
+
+    config = {**S3_TIMEOUTS, "http_session_cls": S3HTTPSession, **(options.get("config_kwargs") or {})}
+    retries = config.get("retries")
+    if retries is None:
+        config["retries"] = dict(S3_RETRIES)
+    elif isinstance(retries, dict):
+        config["retries"] = {"mode": S3_RETRIES["mode"], **retries}
+    options["config_kwargs"] = config
+    return options
+
+
 def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple["fsspec.AbstractFileSystem", str]:
-    """Return the filesystem and the protocol-less path of ``url``."""
+    """Return the filesystem and the protocol-less path of ``url`` (with :func:`with_storage_defaults`)."""
     from fsspec.core import url_to_fs as _url_to_fs
 
-    return _url_to_fs(url, **(storage_options or {}))
+    return _url_to_fs(url, **with_storage_defaults(url, storage_options))
 
 
 def join(base: str, *parts: str) -> str:
@@ -78,7 +112,7 @@ def open_input(url: str, storage_options: dict[str, Any] | None = None, mode: st
         return open(path, "rb")
     import fsspec
 
-    return fsspec.open(url, mode, compression=compression, **(storage_options or {})).open()
+    return fsspec.open(url, mode, compression=compression, **with_storage_defaults(url, storage_options)).open()
 
 
 _LINE_CHUNK = 1 << 20

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from dataengine.errors import IncompleteOutputError, InputUnusableError
-from dataengine.fs import Location
+from dataengine.fs import Location, url_to_fs
 from dataengine.tario import BLOCK, iter_members, ustar_header
 
 logger = logging.getLogger(__name__)
@@ -252,10 +252,8 @@ def register_fsspec_opener(storage_options: dict[str, Any] | None = None,
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
     """webdataset opener: a sequential-read fsspec file (no subprocess)."""
-    from fsspec.core import url_to_fs
-
     protocol = url.split("://", 1)[0]
-    fs, path = url_to_fs(url, **_STORAGE_OPTIONS.get(protocol, {}))
+    fs, path = url_to_fs(url, _STORAGE_OPTIONS.get(protocol, {}))
     # Read-ahead suits tarfile's sequential stream reads; large blocks keep the request count low.
     return fs.open(path, mode, block_size=8 << 20, cache_type="readahead")
 

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from dataengine.errors import IncompleteOutputError, OutputExistsError
-from dataengine.fs import is_remote
+from dataengine.fs import is_remote, url_to_fs, with_storage_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_onl
     import zarr.storage
 
     if is_remote(url):
-        return zarr.storage.FsspecStore.from_url(url, storage_options=dict(storage_options or {}),
+        return zarr.storage.FsspecStore.from_url(url, storage_options=with_storage_defaults(url, storage_options),
                                                  read_only=read_only)
     return zarr.storage.LocalStore(os.path.abspath(url.removeprefix("file://")), read_only=read_only)
 
@@ -374,8 +374,6 @@ def _clear_for_create(url: str, storage_options: dict[str, Any] | None) -> None:
     nor as a directory of leftovers that is not a store.
     """
     import zarr
-
-    from dataengine.fs import url_to_fs
 
     fs, path = url_to_fs(url, storage_options)
     if not fs.exists(posixpath.join(path, "zarr.json")):
