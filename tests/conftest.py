@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import sys
 import uuid
 
 import pytest
@@ -41,6 +43,43 @@ def s3_bucket(s3_server):
     fs = s3fs.S3FileSystem(**s3_server)
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+def _load_faultproxy():
+    """tests/faultproxy.py, importable as ``faultproxy`` by every test module (tests are not a package)."""
+    spec = importlib.util.spec_from_file_location("faultproxy", os.path.join(os.path.dirname(__file__),
+                                                                             "faultproxy.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["faultproxy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+faultproxy = sys.modules.get("faultproxy") or _load_faultproxy()
+
+
+@pytest.fixture()
+def fault_proxy(request):
+    """``fault_proxy(upstream=None, seed=0, **plan)``: a started :class:`faultproxy.FaultProxy` (stopped after the
+    test) in front of ``upstream`` (host, port), by default the moto S3 server; ``plan`` holds the fields of
+    :class:`faultproxy.FaultPlan`. Its ``storage_options`` attribute holds the moto options pointed at it."""
+    proxies = []
+
+    def make(upstream=None, seed: int = 0, **plan):
+        options = None
+        if upstream is None:
+            options = request.getfixturevalue("s3_server")
+            host, port = options["endpoint_url"].removeprefix("http://").rsplit(":", 1)
+            upstream = (host, int(port))
+        proxy = faultproxy.FaultProxy(upstream, faultproxy.FaultPlan(**plan), seed=seed).start()
+        proxies.append(proxy)
+        if options is not None:
+            proxy.storage_options = {**options, "endpoint_url": proxy.endpoint_url}
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
 
 
 @pytest.fixture()
