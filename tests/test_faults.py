@@ -9,7 +9,7 @@ What "the same output" means here, per stage:
   ``manifest.json``, ``ingest_config.json``);
 * embed from ``s3://`` shards to an ``s3://`` store: the same array names and every array equal element for
   element (``np.array_equal``, dtype and shape included), and the same store attributes;
-* train reading ``s3://`` shards: the same checkpoint tensors (``torch.equal``, backbone and head) and the same
+* train reading ``s3://`` shards (cut mid-run: resumed from its last checkpoint): the same checkpoint tensors (``torch.equal``, backbone and head) and the same
   ``metrics.jsonl`` lines less their timing fields (``seconds``, ``samples_per_second``, at any depth).
 
 The clean runs talk to moto directly; the faulty ones through the proxy, with one-second per-attempt timeouts
@@ -171,13 +171,16 @@ def _without_timing(value):
     return value
 
 
-def _train(shards, out, options) -> dict:
-    import torch
-
+def _train(shards, out, options) -> None:
     from trainer.config import TrainConfig
     from trainer.loop import run_train
 
     run_train(TrainConfig.from_flat(dict(shards=shards, out=str(out), storage_options=options, **TRAIN)))
+
+
+def _outcome(out) -> dict:
+    import torch
+
     state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     with open(os.path.join(out, "metrics.jsonl")) as handle:
         metrics = [_without_timing(json.loads(line)) for line in handle]
@@ -185,21 +188,37 @@ def _train(shards, out, options) -> dict:
             "metrics": metrics}
 
 
-@pytest.mark.slow
-def test_train_reading_s3_shards_through_faults_gives_the_clean_run(clean, s3_server, tmp_path, fault_proxy):
+def _assert_same_run(got, expected):
     import torch
 
-    shards = f"{clean['bucket']}/ingest"
-    expected = _train(shards, tmp_path / "clean", s3_server)
-    proxy = fault_proxy(seed=6, cut_bytes=(2000, 2000),
-                        targets=((r"GET /faults-clean/ingest/shards/shard-00000[0-3].tar", "cut"),
-                                 (r"GET /faults-clean/ingest/shards/shard-00000[0-3].tar", "stall")), **FAULTS)
-    got = _train(shards, tmp_path / "faulty", _through(proxy))
     assert got["metrics"] == expected["metrics"]
     assert got["weights"].keys() == expected["weights"].keys()
     for name, tensor in expected["weights"].items():
         assert torch.equal(tensor, got["weights"][name]), name
-    assert proxy.stats["cut_fired"] >= 1 and proxy.stats["targeted"] == 2, proxy.stats
+
+
+@pytest.mark.slow
+def test_train_reading_s3_shards_through_faults_and_a_cut_link_gives_the_clean_run(clean, tmp_path, fault_proxy):
+    shards = f"{clean['bucket']}/ingest"
+    counter = fault_proxy()  # no faults: counts the clean run's requests
+    _train(shards, tmp_path / "clean", _through(counter))
+    expected = _outcome(tmp_path / "clean")
+    # Drawn faults, and two shard downloads cut mid-body or never answered.
+    proxy = fault_proxy(seed=6, cut_bytes=(2000, 2000),
+                        targets=((r"GET /faults-clean/ingest/shards/shard-00000[0-3].tar", "cut"),
+                                 (r"GET /faults-clean/ingest/shards/shard-00000[0-3].tar", "stall")), **FAULTS)
+    _train(shards, tmp_path / "faulty", _through(proxy))
+    _assert_same_run(_outcome(tmp_path / "faulty"), expected)
+    assert proxy.stats["cut_fired"] >= 1 and proxy.stats["targeted"] == 2 and _faults(proxy) >= 4, proxy.stats
+    # The link goes down for good three quarters into the run (by its requests): the run fails, the re-run
+    # resumes from the last checkpoint.
+    cut = fault_proxy(outage_after=counter.stats["exchanges"] * 3 // 4)
+    with pytest.raises(Exception):  # noqa: B017
+        _train(shards, tmp_path / "cut", _through(cut, GIVE_UP["config_kwargs"]))
+    assert cut.stats["outages"] == 1
+    cut.heal()
+    _train(shards, tmp_path / "cut", _through(cut))
+    _assert_same_run(_outcome(tmp_path / "cut"), expected)
 
 
 # ------------------------------------------------------------------------------------------ network policy
