@@ -56,7 +56,9 @@ def split(tar_path: str, out: str, per_train: int, per_test: int) -> tuple[str, 
 def dataengine(*args: str) -> dict:
     """Run a dataengine command and return its --json summary."""
     command = [sys.executable, "-m", "dataengine", "--quiet", *args, "--json"]
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:1])} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -1,0 +1,111 @@
+"""Ablation of the DeeperCluster fixes, each turned back to its earlier behaviour in turn, on one seed.
+
+Same data, split, budget and R0 (RotNet from scratch) as ``tools/exp_protocol.py`` (pass the same ``--out``: R0
+and the ingests are shared); each variant trains DeeperCluster from R0 for ``--budget`` CPU seconds and is
+evaluated like the protocol's methods (linear probe, k-NN, label NMI). Variants:
+- ``default``: the current defaults (the protocol's DeeperCluster run of the seed when it is there);
+- ``stream_off``: the non-iid stream of before: the train split ingested in folder order (``--no-shuffle``,
+  class-sorted shards) and read 4 shards at a time (``--shards-in-flight 4``);
+- ``grad_off``: sub-class head gradients averaged over the whole batch (``--sub-head-grad-mean batch``)
+  where the default is per super-class, or the reverse; needs a trainer with that option;
+- ``momentum_off``: backbone optimizer rebuilt at every re-assignment: trained with the code given by
+  ``--momentum-off-tree`` (a checkout from before the backbone optimizer was kept; there is no option);
+- ``sample_off``: the level-0 k-means trained on 256 rows per centroid (``--sample-per-centroid 256``)
+  instead of every row.
+A variant whose option this trainer lacks is reported as not run. Results go to ``OUT/ablation.json``.
+
+Usage: python tools/exp_ablation.py --out OUT --seed 0 [--variants default stream_off ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from acceptance_cifar import dataengine  # noqa: E402
+from exp_protocol import add_arguments, evaluate, prepare, save_result, train  # noqa: E402
+
+VARIANTS = ("default", "stream_off", "grad_off", "momentum_off", "sample_off")
+
+
+def train_help() -> str:
+    return subprocess.run([sys.executable, "-m", "dataengine", "train", "--help"], capture_output=True, text=True,
+                          env=os.environ | {"COLUMNS": "400"}).stdout
+
+
+def grad_off_option(help_text: str) -> tuple[str, ...] | None:
+    """The sub-class head gradient mean that is not the default, as train options (None: no such option)."""
+    if "--sub-head-grad-mean" not in help_text:
+        return None
+    line = next(line for line in help_text.splitlines() if "--sub-head-grad-mean" in line)
+    default = "superclass" if "default: superclass" in line.replace("[", "") else "batch"
+    return ("--sub-head-grad-mean", "batch" if default == "superclass" else "superclass")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--momentum-off-tree", help="Checkout of the trainer that rebuilds the backbone optimizer")
+    args = parser.parse_args()
+    shards = prepare(args)
+    r0 = os.path.join(args.out, "runs", "r0", str(args.seed))
+    if not os.path.exists(os.path.join(r0, "done.json")):
+        raise SystemExit(f"no R0 for seed {args.seed} in {args.out}: run tools/exp_protocol.py there first")
+    results_path = os.path.join(args.out, "ablation.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    help_text = train_help()
+    for variant in args.variants:
+        key = f"{variant}/{args.seed}"
+        if key in results:
+            continue
+        extra: tuple[str, ...] = ()
+        train_shards = shards["train"]
+        environment = dict(os.environ)
+        if variant == "stream_off":
+            train_shards = os.path.join(args.out, "ingest-train-sorted")
+            dataengine("ingest", "--images", os.path.join(args.out, "split", "train"), "--out", train_shards,
+                       "--image-size", str(args.image_size), "--workers", "1", "--no-shuffle")
+            extra = ("--shards-in-flight", "4")
+        elif variant == "grad_off":
+            option = grad_off_option(help_text)
+            if option is None:
+                print(f"{key}: not run: this trainer has no --sub-head-grad-mean", flush=True)
+                continue
+            extra = option
+        elif variant == "momentum_off":
+            if not args.momentum_off_tree:
+                print(f"{key}: not run: give --momentum-off-tree", flush=True)
+                continue
+            environment["PYTHONPATH"] = os.path.abspath(args.momentum_off_tree)
+        elif variant == "sample_off":
+            extra = ("--sample-per-centroid", "256")
+        start = time.perf_counter()
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(environment)
+        try:
+            # The default variant is the protocol's DeeperCluster run of this seed (trained once, shared).
+            run = os.path.join(args.out, *(("runs", "deepercluster") if variant == "default" else
+                                           ("ablation", variant)), str(args.seed))
+            training = train(args, "deepercluster", args.seed, train_shards, run, args.budget,
+                             os.path.join(r0, "checkpoint.pt"), extra)
+            training["options"] = list(extra)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        result = evaluate(args, training["checkpoint"], args.seed, shards, os.path.join(run, "eval")) | {
+            "training": training, "seconds": round(time.perf_counter() - start, 1)}
+        save_result(results_path, results, key, result)
+        print(f"{key}: linear {result['linear_top1']:.4f} knn {result['knn_top1']:.4f} "
+              f"nmi {result['label_nmi']:.4f} ({result['seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
