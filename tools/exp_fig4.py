@@ -41,7 +41,7 @@ def score(store_url: str, name: str, classes: dict[str, str]) -> dict:
     import numpy as np
 
     from dataengine.clustering import open_clustering
-    from dataengine.metrics import nmi_score
+    from dataengine.metrics import Contingency
     from dataengine.store import open_store
     from trainer.monitor import clustering_nmi
 
@@ -53,7 +53,9 @@ def score(store_url: str, name: str, classes: dict[str, str]) -> dict:
     codes = np.array([names.index(classes[k]) if k in classes else -1 for k in np.asarray(store.keys[:])])
     keep = (leaves >= 0) & (codes >= 0)
     nmi = {kind: {"nmi": round(v["nmi"], 4), "chance": round(v["chance"], 4)} for kind, v in summary["nmi"].items()}
-    nmi["class"] = {"nmi": round(float(nmi_score(leaves[keep], codes[keep])), 4)}
+    table = Contingency()
+    table.update(leaves[keep], codes[keep])
+    nmi["class"] = {"nmi": round(float(table.nmi()), 4), "chance": round(float(table.chance_nmi()), 4)}
     return {"nmi": nmi, "num_clusters": summary["num_clusters"]}
 
 
@@ -150,6 +152,27 @@ def plot(results: dict, path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(results: dict) -> str:
+    """NMI with every kind: one row per DeeperCluster re-assignment, then RotNet's and random features."""
+    lines = ["| features | " + " | ".join(KINDS) + " | NMI with the previous clustering |",
+             "|---|" + "---|" * (len(KINDS) + 1)]
+
+    def row(label: str, nmi: dict, previous: str) -> str:
+        return f"| {label} | " + " | ".join(
+            f"{nmi[k]['nmi']:.3f}" + (f" ({nmi[k]['chance']:.3f})" if nmi[k].get("chance") is not None else "")
+            if k in nmi else "-" for k in KINDS) + f" | {previous} |"
+
+    for point in results.get("deepercluster", []):
+        previous = point.get("nmi_previous")
+        lines.append(row(f"DeeperCluster, epoch {point['epoch']} ({point['steps_before']:,} steps before)",
+                         point["nmi"], "-" if previous is None else f"{previous:.3f}"))
+    for source, label in (("rotnet", "RotNet, same budget"), ("random", "random Sobel network")):
+        if source in results:
+            steps = f" ({results[source]['steps']:,} steps)" if "steps" in results[source] else ""
+            lines.append(row(label + steps, results[source]["nmi"], "-"))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -168,6 +191,7 @@ def main() -> None:
         plot(results, args.plot, f"synthetic corpus, {config['num_images']} photos, small convnet at "
                                  f"{config['image_size']} px, {config['budget']:.0f} CPU-s per method, "
                                  f"levels {config['levels']}, seed {config['seed']}")
+        print(markdown(results))
         return
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     corpus, shards = os.path.join(args.out, "corpus"), os.path.join(args.out, "ingest")
@@ -204,6 +228,11 @@ def main() -> None:
             "epochs": len(epochs), "steps": sum(e.get("steps", 0) for e in epochs)}
         save()
     print("rotnet:", json.dumps(results["rotnet"]["nmi"]), flush=True)
+    for source in ("random", "rotnet"):  # results of a version that gave the planted class no chance level
+        if "chance" not in results[source]["nmi"]["class"]:
+            results[source] |= score(os.path.join(args.out, f"{source}.zarr"), "fig4", classes)
+            save()
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -41,6 +42,8 @@ def train(args: argparse.Namespace, method: str, seed: int, shards: str, out: st
     levels = {"rotnet": args.deeper_levels, "deepercluster": args.deeper_levels, "deepcluster": args.deep_k}[method]
     every = {"rotnet": 1, "deepercluster": args.deeper_every, "deepcluster": 1}[method]
     if not os.path.exists(os.path.join(out, "done.json")):
+        with open(os.path.join(os.makedirs(out, exist_ok=True) or out, "code.txt"), "w") as handle:
+            handle.write(code_version())
         dataengine("train", shards, "--out", out, "--mode", method, *(["--init", init] if init else []),
                    "--arch", "small", "--image-size", str(args.image_size), "--epochs", "1000",
                    "--reassign-every", str(every), "--levels", levels, "--batch-size", "128", "--lr", str(args.lr),
@@ -49,8 +52,9 @@ def train(args: argparse.Namespace, method: str, seed: int, shards: str, out: st
         open(os.path.join(out, "done.json"), "w").close()
     with open(os.path.join(out, "metrics.jsonl")) as handle:
         epochs = [json.loads(line) for line in handle]
+    code = open(os.path.join(out, "code.txt")).read() if os.path.exists(os.path.join(out, "code.txt")) else None
     clusterings = [e["clustering"] for e in epochs if "clustering" in e]
-    return {"checkpoint": os.path.join(out, "checkpoint.pt"), "epochs": len(epochs),
+    return {"checkpoint": os.path.join(out, "checkpoint.pt"), "epochs": len(epochs), "code": code,
             "steps": sum(e.get("steps", 0) for e in epochs),
             "clusterings": len(clusterings),
             "clustering_seconds": [round(c.get("seconds", 0.0), 1) for c in clusterings],
@@ -60,6 +64,16 @@ def train(args: argparse.Namespace, method: str, seed: int, shards: str, out: st
                                         if "label" in c.get("nmi", {})],
             "clustering_nmi_previous": [None if c.get("nmi_previous") is None else round(c["nmi_previous"], 4)
                                         for c in clusterings if "nmi_previous" in c]}
+
+
+def code_version() -> str:
+    """The commit of the code the dataengine commands run (with ``+changes`` when the tree differs from it)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "dataengine",
+                            "trainer", "indexes"], capture_output=True, text=True).stdout.strip()
+    return commit + ("+changes" if dirty else "")
 
 
 def evaluate(args: argparse.Namespace, checkpoint: str | None, seed: int, shards: dict[str, str],
@@ -148,13 +162,38 @@ def main() -> None:
         for method in args.methods:
             record(f"{method}/{seed}", lambda: trained(method, os.path.join(runs, method, str(seed)), args.budget,
                                                          os.path.join(r0, "checkpoint.pt")))
-    print(f"{'method':15s} {'linear top-1':>14s} {'k-NN top-1':>12s} {'NMI labels':>11s}  (mean over seeds)")
-    for method in ("random", "r0", *args.methods):
-        rows = [results[f"{method}/{s}"] for s in args.seeds if f"{method}/{s}" in results]
-        if rows:
-            mean = {k: statistics.mean(r[k] for r in rows) for k in ("linear_top1", "knn_top1", "label_nmi")}
-            print(f"{method:15s} {mean['linear_top1']:14.4f} {mean['knn_top1']:12.4f} {mean['label_nmi']:11.4f}"
-                  f"  n={len(rows)}")
+    print(markdown(results, ("random", "r0", *args.methods), args.seeds))
+
+
+NAMES = {"random": "random init (Sobel)", "r0": "R0: RotNet from scratch", "rotnet": "R0 + RotNet",
+         "deepercluster": "R0 + DeeperCluster", "deepcluster": "R0 + DeepCluster"}
+
+
+def markdown(results: dict, methods: tuple[str, ...], seeds: list[int]) -> str:
+    """The results as two Markdown tables: the probes per seed with means, and each training run's log."""
+    def cells(rows: list[dict], key: str) -> str:
+        values = " / ".join(f"{r[key]:.4f}" for r in rows)
+        return f"{values} | {statistics.mean(r[key] for r in rows):.3f}"
+
+    lines = [f"| method | linear top-1, seeds {' / '.join(map(str, seeds))} | mean | k-NN top-1 | mean "
+             "| NMI vs labels (10-means) | mean |", "|---|---|---|---|---|---|---|"]
+    training = ["| run | code | epochs | steps | re-assignments | clustering NMI vs labels (chance) at each "
+                "| NMI with the previous clustering |", "|---|---|---|---|---|---|---|"]
+    for method in methods:
+        rows = [results[f"{method}/{s}"] for s in seeds if f"{method}/{s}" in results]
+        if not rows:
+            continue
+        lines.append(f"| {NAMES.get(method, method)} | " + " | ".join(cells(rows, k) for k in (
+            "linear_top1", "knn_top1", "label_nmi")) + " |")
+        for seed in seeds:
+            run = results.get(f"{method}/{seed}", {}).get("training")
+            if run:
+                pairs = ", ".join(f"{n:.3f} ({c:.3f})" for n, c in zip(run["clustering_label_nmi"],
+                                                                       run.get("clustering_label_chance", [])))
+                previous = ", ".join("-" if p is None else f"{p:.3f}" for p in run["clustering_nmi_previous"])
+                training.append(f"| {NAMES.get(method, method)}, seed {seed} | {run.get('code') or '?'} | {run['epochs']} | {run['steps']:,} | "
+                                f"{run['clusterings']} | {pairs or '-'} | {previous or '-'} |")
+    return "\n".join(lines + [""] + training)
 
 
 if __name__ == "__main__":
