@@ -191,8 +191,9 @@ def markdown(results: dict, methods: tuple[str, ...], seeds: list[int]) -> str:
                 pairs = ", ".join(f"{n:.3f} ({c:.3f})" for n, c in zip(run["clustering_label_nmi"],
                                                                        run.get("clustering_label_chance", [])))
                 previous = ", ".join("-" if p is None else f"{p:.3f}" for p in run["clustering_nmi_previous"])
-                training.append(f"| {NAMES.get(method, method)}, seed {seed} | {run.get('code') or '?'} | {run['epochs']} | {run['steps']:,} | "
-                                f"{run['clusterings']} | {pairs or '-'} | {previous or '-'} |")
+                training.append(f"| {NAMES.get(method, method)}, seed {seed} | {run.get('code') or '?'} | "
+                                f"{run['epochs']} | {run['steps']:,} | {run['clusterings']} | {pairs or '-'} | "
+                                f"{previous or '-'} |")
     return "\n".join(lines + [""] + training)
 
 
