@@ -132,6 +132,8 @@ def main() -> None:
     add_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--r0-seed", type=int, help="Continue every seed from the R0 of this seed (trained "
+                        "already) instead of training an R0 per seed")
     args = parser.parse_args()
     shards = prepare(args)
     results_path = os.path.join(args.out, "results.json")
@@ -150,18 +152,21 @@ def main() -> None:
 
     for seed in args.seeds:
         runs = os.path.join(args.out, "runs")
-        record(f"random/{seed}", lambda: evaluate(args, None, seed, shards, os.path.join(runs, "random", str(seed))))
-        r0 = os.path.join(runs, "r0", str(seed))
+        r0 = os.path.join(runs, "r0", str(seed if args.r0_seed is None else args.r0_seed))
 
         def trained(method: str, out: str, budget: float, init: str | None) -> dict:
-            training = train(args, method, seed, shards["train"], out, budget, init)
+            training = train(args, method, seed, shards["train"], out, budget, init) | {"init": init}
             return evaluate(args, training["checkpoint"], seed, shards, os.path.join(out, "eval")) | {
                 "training": training}
 
-        record(f"r0/{seed}", lambda: trained("rotnet", r0, args.r0_budget, None))
+        if args.r0_seed is None:
+            record(f"r0/{seed}", lambda: trained("rotnet", r0, args.r0_budget, None))
+        elif not os.path.exists(os.path.join(r0, "done.json")):
+            raise SystemExit(f"--r0-seed {args.r0_seed}: no finished R0 in {r0}")
         for method in args.methods:
             record(f"{method}/{seed}", lambda: trained(method, os.path.join(runs, method, str(seed)), args.budget,
                                                          os.path.join(r0, "checkpoint.pt")))
+        record(f"random/{seed}", lambda: evaluate(args, None, seed, shards, os.path.join(runs, "random", str(seed))))
     print(markdown(results, ("random", "r0", *args.methods), args.seeds))
 
 
