@@ -31,6 +31,13 @@ from acceptance_cifar import dataengine  # noqa: E402
 KINDS = ("class", "hashtag", "user", "gps", "device")
 
 
+def machine() -> str:
+    """CPU model name (as lscpu shows it) and core count of this machine."""
+    with open("/proc/cpuinfo") as handle:
+        model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "?")
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def planted_classes(corpus: str) -> dict[str, str]:
     with open(os.path.join(corpus, "classes.tsv")) as handle:
         return dict(line.rstrip("\n").split("\t")[:2] for line in handle if line.strip())
@@ -190,7 +197,7 @@ def main() -> None:
         config = results["config"]
         plot(results, args.plot, f"synthetic corpus, {config['num_images']} photos, small convnet at "
                                  f"{config['image_size']} px, {config['budget']:.0f} CPU-s per method, "
-                                 f"levels {config['levels']}, seed {config['seed']}")
+                                 f"levels {config['levels']}, seed {config['seed']}; {config.get('machine', '')}")
         print(markdown(results))
         return
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -200,11 +207,13 @@ def main() -> None:
                "--out", shards, "--image-size", str(args.ingest_size), "--shard-size", "250", "--workers", "1")
     classes = planted_classes(corpus)
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-    results["config"] = {k: v for k, v in vars(args).items() if k != "plot"}
+    results["config"] = {k: v for k, v in vars(args).items() if k != "plot"} | {"machine": machine()}
 
     def save() -> None:
         with open(results_path, "w") as handle:
             json.dump(results, handle, indent=1, sort_keys=True)
+
+    save()
 
     if "random" not in results:
         results["random"] = features_of(args, shards, os.path.join(args.out, "random.zarr"), classes, None)
