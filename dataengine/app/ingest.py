@@ -57,6 +57,8 @@ def ingest(
 
     try:
         options = parse_storage_options(storage_options)
+        if merge_only and dry_run:
+            fail("--dry-run checks an ingest before it runs; --merge only merges finished node parts: give one")
         if merge_only:
             manifest = merge(out, options)
             if manifest is None:

@@ -49,6 +49,9 @@ def test_ingest_dry_run_counts_plans_and_writes_nothing(pipeline):
     bad = subprocess.run([sys.executable, "-m", "dataengine", "ingest", "--images", str(pipeline / "missing"),
                           "--out", str(out), "--dry-run"], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and not out.exists()
+    merge = subprocess.run([sys.executable, "-m", "dataengine", "ingest", "--images", str(pipeline / "corpus"),
+                            "--out", str(out), "--merge", "--dry-run"], capture_output=True, text=True)
+    assert merge.returncode == 2 and "give one" in merge.stderr and not out.exists()
 
 
 def test_embed_dry_run_resolves_the_stored_configuration_and_writes_nothing(pipeline):
