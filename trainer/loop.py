@@ -105,11 +105,13 @@ class Trainer:
     """One training run (all ranks of the process group construct one and call :meth:`run`)."""
 
     def __init__(self, config: TrainConfig, progress: Callable[[int], None] | None = None,
-                 milestone: Milestone | None = None) -> None:
+                 milestone: Milestone | None = None,
+                 epoch_start: Callable[[int, int, int], None] | None = None) -> None:
         from dataengine.shards import register_fsspec_opener
 
         self.config = config
         self.progress = progress
+        self.epoch_start = epoch_start
         self.milestone: Milestone = milestone or (lambda _name: None)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         os.makedirs(config.out, exist_ok=True)
@@ -242,6 +244,8 @@ class Trainer:
         """Train on the rest of ``epoch`` (from ``self.step``), adding every step to ``self.current``."""
         plan = EpochPlan(epoch=epoch, rank=self.rank, world_size=self.world_size, skip_batches=self.step)
         loader, steps = epoch_loader(self.config, self.shard_set, self.labels, self.crop, plan)
+        if self.epoch_start:
+            self.epoch_start(epoch, steps, self.step)
         self.network.train()
         current, start = self.current, time.perf_counter()
         for images, rows in loader:
@@ -314,9 +318,14 @@ def _epoch_progress(state: dict[str, Any]) -> EpochProgress | None:
 
 
 def run_train(config: TrainConfig, progress: Callable[[int], None] | None = None,
-              milestone: Milestone | None = None) -> TrainResult:
-    """Train a network as ``config`` says (see the module docstring); ``milestone`` as in :data:`Milestone`."""
+              milestone: Milestone | None = None,
+              epoch_start: Callable[[int, int, int], None] | None = None) -> TrainResult:
+    """Train a network as ``config`` says (see the module docstring); ``milestone`` as in :data:`Milestone`.
+
+    ``progress`` is called with 1 after every step; ``epoch_start(epoch, steps, done)`` as each epoch's training
+    starts, with its number of steps and those already done (a resumed epoch).
+    """
     from indexes.threads import set_num_threads
 
     set_num_threads(config.distributed.num_threads)
-    return Trainer(config, progress, milestone).run()
+    return Trainer(config, progress, milestone, epoch_start).run()

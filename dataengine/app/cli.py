@@ -68,7 +68,8 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None = None, unit: str = "rows",
                  completed: int = 0) -> Iterator[Callable[..., None]]:
-    """Yield a callback ``update(advance=1, total=None, description=None)`` driving a rich progress bar.
+    """Yield a callback ``update(advance=1, total=None, description=None, completed=None)`` driving a rich
+    progress bar (``completed`` given: the bar starts over at ``completed`` done of ``total``).
 
     The bar shows done/total (``total`` None: done/?), the rate in ``unit`` per second of this run and, with
     a total, the time left. ``completed``: units done by an earlier run (a resumed output), counted in the
@@ -78,14 +79,18 @@ def progress_bar(description: str, total: int | None = None, unit: str = "rows",
     is not even imported (0.03 CPU-s, taken from the workers of a short ingest).
     """
     if not console.is_terminal:
-        yield lambda advance=1, total=None, description=None: None
+        yield lambda advance=1, total=None, description=None, completed=None: None
         return
     from rich.progress import Progress
 
     with Progress(*_columns(unit), console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task(description, total=total, completed=completed)
 
-        def update(advance: int = 1, total: int | None = None, description: str | None = None) -> None:
+        def update(advance: int = 1, total: int | None = None, description: str | None = None,
+                   completed: int | None = None) -> None:
+            if completed is not None:  # a new phase (a training epoch): done/total, rate and ETA start over
+                progress.reset(task, total=total, completed=completed, description=description)
+                return
             kwargs: dict[str, Any] = {"advance": advance}
             if total is not None:
                 kwargs["total"] = total

@@ -99,8 +99,11 @@ def train(
             show_dry_run(_train_dry_run(config), as_json)
             return
         # The trainer's tensors (gradients included) are on the CPU: gloo, whatever devices the machine has.
-        with process_group("cpu"), progress_bar(f"train {mode}") as update:
-            result = run_train(config, progress=update)
+        with process_group("cpu"), progress_bar(f"train {mode}", unit="steps") as update:
+            def epoch_start(epoch: int, steps: int, done: int) -> None:
+                update(total=steps, completed=done, description=f"train {mode} epoch {epoch + 1}/{epochs}")
+
+            result = run_train(config, progress=update, epoch_start=epoch_start)
     except (ValueError, FileNotFoundError, DataEngineError) as exc:
         fail(str(exc))
     rows = [[m["epoch"], f"{m.get('loss', float('nan')):.3f}", f"{m.get('samples_per_second', 0):.0f}",

@@ -101,10 +101,19 @@ def test_the_bar_shows_done_total_rate_and_time_left(monkeypatch):
             update(100)
     text = _plain(buffer.getvalue())
     assert "1,000/1,000" in text and "rows/s" in text and "0:00:00" in text
+    buffer.seek(0)
     buffer.truncate(0)
     with cli.progress_bar("ingest") as update:  # no total: done/?, a rate still
         update(5)
     assert "5/?" in _plain(buffer.getvalue())
+    buffer.seek(0)
+    buffer.truncate(0)
+    with cli.progress_bar("train", unit="steps") as update:  # phases: each epoch's bar starts over
+        update(total=8, completed=3, description="train epoch 2/2")
+        for _ in range(5):
+            update(1)
+    text = _plain(buffer.getvalue())
+    assert "train epoch 2/2" in text and "8/8" in text and "steps/s" in text
     assert cli.rate_text(0.5123) == "0.512" and cli.rate_text(12.34) == "12.3" and cli.rate_text(4350.2) == "4,350"
 
 

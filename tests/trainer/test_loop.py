@@ -51,6 +51,15 @@ def test_deepercluster_logs_metrics_and_writes_an_embeddable_checkpoint(shards, 
     load_checkpoint(result.checkpoint)  # what `dataengine embed --checkpoint RUN` reads
 
 
+def test_each_epoch_announces_its_steps_before_taking_them(shards, tmp_path):
+    starts, steps = [], []
+    run_train(_config(shards, tmp_path / "run", mode="rotnet"), progress=steps.append,
+              epoch_start=lambda epoch, total, done: starts.append((epoch, total, done, len(steps))))
+    assert [(epoch, done) for epoch, _, done, _ in starts] == [(0, 0), (1, 0)] and set(steps) == {1}
+    first, second = starts
+    assert second[3] - first[3] == first[1] and len(steps) - second[3] == second[1]  # the announced totals
+
+
 TIMING_FIELDS = {"samples_per_second"}
 FIELDS = {"epoch", "loss", "steps", *TIMING_FIELDS}
 MODE_FIELDS = {"rotnet": {"rotation_acc"}, "deepcluster": {"cluster_acc", "clustering", "clustering_name"},
