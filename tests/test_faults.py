@@ -9,8 +9,9 @@ What "the same output" means here, per stage:
   ``manifest.json``, ``ingest_config.json``);
 * embed from ``s3://`` shards to an ``s3://`` store: the same array names and every array equal element for
   element (``np.array_equal``, dtype and shape included), and the same store attributes;
-* train reading ``s3://`` shards (cut mid-run: resumed from its last checkpoint): the same checkpoint tensors (``torch.equal``, backbone and head) and the same
-  ``metrics.jsonl`` lines less their timing fields (``seconds``, ``samples_per_second``, at any depth).
+* train reading ``s3://`` shards (cut mid-run: resumed from its last checkpoint): the same checkpoint tensors
+  (``torch.equal``, backbone and head) and the same ``metrics.jsonl`` lines less their timing fields
+  (``seconds``, ``samples_per_second``, at any depth).
 
 The clean runs talk to moto directly; the faulty ones through the proxy, with one-second per-attempt timeouts
 so that a stalled reply costs a second, not the product's default.
@@ -28,8 +29,10 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# 16% of the exchanges get a fault: delayed, reset before the server, cut mid-reply, or never answered.
-FAULTS = dict(delay=0.06, reset=0.04, cut=0.04, stall=0.02, delay_s=(0.02, 0.15))
+# 16% of the exchanges get a fault: delayed, reset before the server, cut mid-reply, or never answered. A cut
+# comes within the first 600 bytes of the reply, so that it also hits the short answers to PUTs (the server
+# has stored the object, the client does not know).
+FAULTS = dict(delay=0.06, reset=0.04, cut=0.04, stall=0.02, delay_s=(0.02, 0.15), cut_bytes=(0, 600))
 # One-second attempts keep a stalled reply cheap here (the product's timeouts are in dataengine.fs).
 FAST = {"connect_timeout": 1, "read_timeout": 1}
 # While the link is down: give up after two attempts of each request, so that the failed run ends quickly.
@@ -126,6 +129,7 @@ def test_ingest_through_faults_and_a_short_outage_writes_the_clean_objects(corpu
     _ingest(corpus, f"{s3_bucket}/ingest", _through(proxy))
     assert _objects(clean["fs"], f"{s3_bucket}/ingest") == clean["ingest"]
     assert proxy.stats["targeted"] == 2 and proxy.stats["outages"] == 1 and _faults(proxy) >= 4, proxy.stats
+    assert proxy.stats["cut_fired"] >= 1, proxy.stats
 
 
 def test_ingest_link_cut_mid_run_fails_then_resumes_to_the_clean_objects(corpus, clean, s3_bucket, fault_proxy):
@@ -140,6 +144,30 @@ def test_ingest_link_cut_mid_run_fails_then_resumes_to_the_clean_objects(corpus,
     assert _objects(clean["fs"], f"{s3_bucket}/ingest") == clean["ingest"]
 
 
+@pytest.mark.slow
+def test_ingest_from_s3_inputs_through_faults_writes_the_clean_objects(corpus, s3_server, s3_bucket, fault_proxy):
+    # The metadata and every image are read through the faults too (listing, metadata stream, image GETs).
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.put(str(corpus / "images"), f"{s3_bucket}/in/images", recursive=True)
+    fs.put_file(str(corpus / "metadata.tsv"), f"{s3_bucket}/in/metadata.tsv")
+
+    def ingest(out, options):
+        from dataengine.ingest import IngestConfig, run_ingest
+
+        run_ingest(IngestConfig(yfcc=f"{s3_bucket}/in/metadata.tsv", images=f"{s3_bucket}/in/images", out=out,
+                                shard_size=6, workers=0, storage_options=options))
+
+    ingest(f"{s3_bucket}/clean", s3_server)
+    bucket = s3_bucket.removeprefix("s3://")
+    proxy = fault_proxy(seed=7, targets=((rf"GET /{bucket}/in/metadata.tsv", "cut"),
+                                         (rf"GET /{bucket}/in/images/", "stall")), **FAULTS)
+    ingest(f"{s3_bucket}/faulty", _through(proxy))
+    assert _objects(fs, f"{s3_bucket}/faulty") == _objects(fs, f"{s3_bucket}/clean")
+    assert proxy.stats["targeted"] == 2 and _faults(proxy) >= 4, proxy.stats
+
+
 # ------------------------------------------------------------------------------------------ embed
 
 
@@ -149,9 +177,10 @@ def test_embed_through_faults_and_a_cut_link_resumes_to_the_clean_arrays(clean, 
     # down for good at the write of block 1's features, the run fails, and the re-run resumes.
     shards = f"{clean['bucket']}/ingest"
     bucket = s3_bucket.removeprefix("s3://")
-    proxy = fault_proxy(seed=4, cut_bytes=(2000, 2000), outage_on=rf"PUT /{bucket}/store.zarr/features/c/1",
+    proxy = fault_proxy(seed=4, outage_on=rf"PUT /{bucket}/store.zarr/features/c/1",
                         targets=((r"GET /faults-clean/ingest/shards/shard-000000.tar", "cut"),
-                                 (r"GET /faults-clean/ingest/shards/shard-000001.tar", "stall")), **FAULTS)
+                                 (r"GET /faults-clean/ingest/shards/shard-000001.tar", "stall")),
+                        **{**FAULTS, "cut_bytes": (2000, 2000)})
     with pytest.raises(Exception):  # noqa: B017
         _embed(shards, f"{s3_bucket}/store.zarr", _through(proxy, GIVE_UP["config_kwargs"]))
     assert proxy.stats["outages"] == 1 and proxy.stats["cut_fired"] >= 1 and proxy.stats["targeted"] == 2
@@ -204,9 +233,9 @@ def test_train_reading_s3_shards_through_faults_and_a_cut_link_gives_the_clean_r
     _train(shards, tmp_path / "clean", _through(counter))
     expected = _outcome(tmp_path / "clean")
     # Drawn faults, and two shard downloads cut mid-body or never answered.
-    proxy = fault_proxy(seed=6, cut_bytes=(2000, 2000),
-                        targets=((r"GET /faults-clean/ingest/shards/shard-00000[0-3].tar", "cut"),
-                                 (r"GET /faults-clean/ingest/shards/shard-00000[0-3].tar", "stall")), **FAULTS)
+    proxy = fault_proxy(seed=6, targets=((r"GET /faults-clean/ingest/shards/shard-00000[0-3].tar", "cut"),
+                                         (r"GET /faults-clean/ingest/shards/shard-00000[0-3].tar", "stall")),
+                        **{**FAULTS, "cut_bytes": (2000, 2000)})
     _train(shards, tmp_path / "faulty", _through(proxy))
     _assert_same_run(_outcome(tmp_path / "faulty"), expected)
     assert proxy.stats["cut_fired"] >= 1 and proxy.stats["targeted"] == 2 and _faults(proxy) >= 4, proxy.stats
