@@ -36,12 +36,15 @@ Any missing, unexpected or wrongly shaped tensor raises :class:`WeightsMismatchE
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from typing import Any
 
 import torch
 from torch import nn
+
+from dataengine.fs import is_remote, join, url_to_fs
 
 logger = logging.getLogger(__name__)
 
@@ -192,11 +195,17 @@ def layer_names(backbone: Backbone) -> list[str]:
 # --------------------------------------------------------------------------------------------- weights
 
 
-def _torch_load(path: str) -> Any:
-    if not os.path.isfile(path):
+def _torch_load(path: str, storage_options: dict[str, Any] | None = None) -> Any:
+    source: Any = path
+    if is_remote(path):
+        fs, remote_path = url_to_fs(path, storage_options)
+        if not fs.isfile(remote_path):
+            raise FileNotFoundError(f"weights file not found: {path}")
+        source = io.BytesIO(fs.cat_file(remote_path))
+    elif not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError/EOFError for unusable files
         raise WeightsMismatchError(f"{path} cannot be loaded as tensors with weights_only=True: "
                                    f"{type(exc).__name__}: {exc}") from exc
@@ -219,19 +228,23 @@ def load_weights(backbone: Backbone, path: str) -> None:
     _load_exact(backbone, state, path)
 
 
-def checkpoint_file(path: str) -> str:
-    """The checkpoint file of ``path``: the path itself, or ``checkpoint.pt`` inside a run folder."""
+def checkpoint_file(path: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The checkpoint file of ``path`` (local or remote): the path itself, or ``checkpoint.pt`` inside a run
+    folder."""
+    if is_remote(path):
+        fs, remote_path = url_to_fs(path, storage_options)
+        return join(path, "checkpoint.pt") if fs.isdir(remote_path) else path
     return os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
 
 
-def read_checkpoint(path: str) -> tuple[str, bool, dict[str, torch.Tensor]]:
-    """Read a trainer checkpoint (a file, or a run folder holding ``checkpoint.pt``).
+def read_checkpoint(path: str, storage_options: dict[str, Any] | None = None) -> tuple[str, bool, dict[str, torch.Tensor]]:
+    """Read a trainer checkpoint (a file, or a run folder holding ``checkpoint.pt``; local or remote).
 
     Returns:
         ``(arch, sobel, backbone_state_dict)``.
     """
-    path = checkpoint_file(path)
-    checkpoint = _torch_load(path)
+    path = checkpoint_file(path, storage_options)
+    checkpoint = _torch_load(path, storage_options)
     if not isinstance(checkpoint, dict) or not {"arch", "sobel", "backbone"} <= set(checkpoint):
         raise WeightsMismatchError(f"{path} is not a trainer checkpoint: expected a dict with 'arch', 'sobel' "
                                    "and 'backbone' (a plain state dict goes to --weights)")
@@ -241,9 +254,9 @@ def read_checkpoint(path: str) -> tuple[str, bool, dict[str, torch.Tensor]]:
     return arch, sobel, checkpoint["backbone"]
 
 
-def load_checkpoint(path: str) -> Backbone:
-    """Build the backbone described by a trainer checkpoint and load its weights."""
-    arch, sobel, state = read_checkpoint(path)
+def load_checkpoint(path: str, storage_options: dict[str, Any] | None = None) -> Backbone:
+    """Build the backbone described by a trainer checkpoint (local or remote) and load its weights."""
+    arch, sobel, state = read_checkpoint(path, storage_options)
     backbone, _ = build_backbone(arch, sobel)
     _load_exact(backbone, state, path)
     return backbone

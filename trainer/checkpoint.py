@@ -9,73 +9,28 @@ the backbone.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import uuid
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any
 
-import torch
-
-from trainer.config import TrainConfig
+from trainer.config import SECTIONS, TrainConfig
+from trainer.run_folder import RunFolder
 
 CHECKPOINT_FORMAT = "trainer.checkpoint"
 CHECKPOINT_VERSION = 2
 """2: the configuration by section (:meth:`TrainConfig.to_dict`); 1: one flat mapping (still read)."""
 
 
-def checkpoint_path(out: str) -> str:
-    return os.path.join(out, "checkpoint.pt")
+CHECKPOINT_FILE = "checkpoint.pt"
+IDENTITY_EXEMPT = ("out",)
+"""Options that may differ between the run that wrote a checkpoint and the run that resumes it: the run folder
+itself (a folder moved or copied elsewhere resumes there)."""
 
 
-def replace_durably(path: str, write: Callable[[BinaryIO], None],
-                    before_rename: Callable[[], None] | None = None) -> None:
-    """Write a file through ``write(handle)`` so that, whenever the process or the machine stops, ``path`` holds
-    the old file or the whole new one, and once this returns the new one survives a power loss: a temporary
-    in the same folder, flushed to disk, renamed over ``path``, then the folder's entry flushed too.
-
-    ``before_rename`` is called once the temporary is on disk (tests stop the process there).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: str) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def save_atomic(obj: Any, path: str, before_rename: Callable[[], None] | None = None) -> None:
-    """``torch.save`` ``obj`` to ``path`` through :func:`replace_durably`."""
-    replace_durably(path, lambda handle: torch.save(obj, handle), before_rename)
-
-
-def remove_stale_temporaries(folder: str) -> int:
-    """Remove the temporaries :func:`replace_durably` leaves in ``folder`` when a process is killed before its
-    rename (call with no writer running there); returns how many."""
-    names = [n for n in os.listdir(folder) if n.startswith(".") and n.endswith(".tmp")] \
-        if os.path.isdir(folder) else []
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, name))
-    return len(names)
+def save_checkpoint(folder: RunFolder, state: dict[str, Any], before_publish: Callable[[], None] | None = None,
+                    on_part: Callable[[], None] | None = None) -> None:
+    """Write ``RUN/checkpoint.pt`` whole (see :mod:`trainer.run_folder`)."""
+    folder.save(CHECKPOINT_FILE, state, before_publish, on_part)
 
 
 def config_json(config: TrainConfig) -> str:
@@ -83,20 +38,34 @@ def config_json(config: TrainConfig) -> str:
     return json.dumps(config.to_dict())
 
 
-def read_checkpoint_state(path: str, config: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` (``None`` when there is none), checked to belong to a run of ``config``.
+def read_checkpoint_state(folder: RunFolder, config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint of the run folder (``None`` when there is none), checked to belong to a run of ``config``
+    (options in :data:`IDENTITY_EXEMPT` aside).
 
     Raises:
         ValueError: the file is not a trainer checkpoint, or was written by another configuration.
     """
-    if not os.path.exists(path):
+    path = folder.child(CHECKPOINT_FILE)
+    state = folder.load(CHECKPOINT_FILE)
+    if state is None:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a trainer checkpoint; use another --out")
-    if _stored_config(state, path) != json.loads(config_json(config)):
-        raise ValueError(f"{path} was written by another configuration; use another --out")
+    stored, wanted = _flat(_stored_config(state, path)), _flat(json.loads(config_json(config)))
+    differ = sorted(key for key in set(stored) | set(wanted)
+                    if key not in IDENTITY_EXEMPT and stored.get(key, "?") != wanted.get(key, "?"))
+    if differ:
+        raise ValueError(f"{path} was written by another configuration (differs in {', '.join(differ)}); "
+                         "use another --out")
     return state
+
+
+def _flat(by_section: dict[str, Any]) -> dict[str, Any]:
+    """The stored configuration as one mapping of field names (they are unique over the sections)."""
+    flat = {key: value for key, value in by_section.items() if key not in SECTIONS}
+    for section in SECTIONS:
+        flat.update(by_section.get(section) or {})
+    return flat
 
 
 def _stored_config(state: dict[str, Any], path: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class DataConfig:
     shards: str
     """Ingest output to train on (local or s3://)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options for remote shards."""
+    """fsspec options for remote shards and a remote run folder."""
     image_size: int = 224
     """Side of the training crops and of the embedding center crops."""
     resize_size: int | None = None
@@ -213,7 +213,8 @@ class TrainConfig:
     """Configuration of a training run."""
 
     out: str
-    """Run folder (local): checkpoint, metrics, feature stores of the re-clusterings."""
+    """Run folder (local, or a prefix on object storage such as ``s3://bucket/run``): checkpoint, metrics,
+    feature stores and backbone snapshots of the re-clusterings."""
     mode: str = "deepercluster"
     """``deepercluster``, ``deepcluster``, ``rotnet`` or ``clusterfit``."""
     seed: int = 0

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,25 +37,29 @@ from dataengine.shards import load_shard_set
 from indexes import distributed
 from trainer.augment import CropConfig
 from trainer.budget import Budget
-from trainer.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, checkpoint_path, config_json,
-                                read_checkpoint_state, remove_stale_temporaries, replace_durably, save_atomic)
+from trainer.checkpoint import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, config_json,
+                                read_checkpoint_state, save_checkpoint)
 from trainer.config import TrainConfig
 from trainer.data import EpochPlan
 from trainer.labels import Labels
 from trainer.network import Network, new_head
 from trainer.parallel import all_reduce_grads
 from trainer.recluster import Reclusterer, clustering_name
+from trainer.run_folder import RunFolder
 from trainer.step import epoch_loader, step_loss
 
 logger = logging.getLogger(__name__)
 
 
+METRICS_FILE = "metrics.jsonl"
+
 Milestone = Callable[[str], None]
 """Called with the name of each step of a run whose completion is durable (tests stop the process there):
 ``recluster.backbone_saved``, ``recluster.embed_block`` (each block of features written),
 ``recluster.embedded``, ``recluster.clustered``, ``recluster.checkpointed``, ``recluster.dropping`` (an
-unused feature store removed, its backbone snapshot not yet), ``checkpoint.written`` (a checkpoint on disk, not
-yet renamed into place), ``epoch.ending`` (an epoch's record made, its checkpoint not yet written) and
+unused feature store removed, its backbone snapshot not yet), ``checkpoint.written`` (a checkpoint complete on disk, not
+yet renamed into place or uploaded), ``checkpoint.uploading`` (the first part of a checkpoint's multipart upload
+sent, the upload not complete; remote run folders only), ``epoch.ending`` (an epoch's record made, its checkpoint not yet written) and
 ``epoch.saved``."""
 
 
@@ -114,13 +117,14 @@ class Trainer:
         self.epoch_start = epoch_start
         self.milestone: Milestone = milestone or (lambda _name: None)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
-        os.makedirs(config.out, exist_ok=True)
+        self.folder = RunFolder(config.out, config.data.storage_options)
+        self.folder.make()
         register_fsspec_opener(config.data.storage_options)
         self.shard_set = load_shard_set(config.data.shards, config.data.storage_options)
         self.network = Network(config)
         if config.model.init and config.mode != "clusterfit":
             self._load_backbone(config.model.init)
-        self.reclusterer = Reclusterer(config, self.rank, self.milestone)
+        self.reclusterer = Reclusterer(config, self.folder, self.rank, self.milestone)
         self.labels: Labels | None = None
         self.previous: Labels | None = None
         self.optimizer = self._optimizer()
@@ -134,7 +138,7 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> str:
-        return checkpoint_path(self.config.out)
+        return self.folder.child(CHECKPOINT_FILE)
 
     def _load_backbone(self, path: str) -> None:
         from dataengine.models import read_checkpoint
@@ -149,7 +153,7 @@ class Trainer:
             self.network.backbone.load_state_dict(backbone.state_dict())
             logger.info("backbone initialised with %s from %s", spec.text, record.source)
             return
-        arch, sobel, state = read_checkpoint(path)
+        arch, sobel, state = read_checkpoint(path, self.config.data.storage_options)
         model = self.config.model
         if (arch, sobel) != (model.arch, model.sobel):
             raise ValueError(f"{path} holds a {arch} backbone (sobel={sobel}); this run is {model.arch} "
@@ -177,10 +181,11 @@ class Trainer:
             "metrics": json.dumps(self.metrics), "config": config_json(self.config),
             "epoch_progress": json.dumps(asdict(self.current)) if self.current else "",
         }
-        save_atomic(state, self.checkpoint_path, before_rename=lambda: self.milestone("checkpoint.written"))
+        save_checkpoint(self.folder, state, before_publish=lambda: self.milestone("checkpoint.written"),
+                        on_part=lambda: self.milestone("checkpoint.uploading"))
 
     def _resume(self) -> bool:
-        state = read_checkpoint_state(self.checkpoint_path, self.config)
+        state = read_checkpoint_state(self.folder, self.config)
         if state is None:
             return False
         self.network.backbone.load_state_dict(state["backbone"])
@@ -287,7 +292,7 @@ class Trainer:
         """Train until ``epochs`` (or the time budget), resuming from ``RUN/checkpoint.pt`` if present."""
         start = time.perf_counter()
         if self.rank == 0:
-            remove_stale_temporaries(self.config.out)
+            self.folder.remove_leftovers()
         if self._resume():
             # Leftovers of a run killed between a checkpoint and the removals it allowed; the clustering of the
             # epoch to start (if any) may be half made: its stores are kept for the resume to finish.
@@ -306,7 +311,7 @@ class Trainer:
         """``RUN/metrics.jsonl``: one JSON line per finished epoch, as the checkpoint records them (rank 0)."""
         if self.rank == 0:
             text = "".join(json.dumps(record, sort_keys=True, default=float) + "\n" for record in self.metrics)
-            replace_durably(os.path.join(self.config.out, "metrics.jsonl"), lambda h: h.write(text.encode()))
+            self.folder.write_text(METRICS_FILE, text)
 
 
 def _epoch_progress(state: dict[str, Any]) -> EpochProgress | None:

@@ -18,7 +18,8 @@ _CURRENT, _PREVIOUS = "current", "previous"
 
 def clustering_nmi(store_url: str, name: str, previous_url: str | None = None,
                    previous_name: str | None = None, block_rows: int = 1 << 20,
-                   average_method: str = DEFAULT_AVERAGE_METHOD) -> dict[str, Any]:
+                   average_method: str = DEFAULT_AVERAGE_METHOD,
+                   storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """NMI of clustering ``name`` against every metadata kind of its store (with chance level, adjusted mutual
     information, both normalisations and coverage), and against the previous clustering of the same rows when
     given.
@@ -26,17 +27,18 @@ def clustering_nmi(store_url: str, name: str, previous_url: str | None = None,
     Args:
         average_method: normalisation of ``nmi``, ``chance``, ``ami`` and ``nmi_previous`` (geometric: DeepCluster's
             definition).
+        storage_options: fsspec options of remote stores.
 
     Returns:
         ``{"nmi": {kind: {"nmi", "chance", "ami", "nmi_geometric", "nmi_arithmetic", "near_chance",
         "coverage"}}, "num_clusters": int, "nmi_average": str}`` plus ``"nmi_previous"`` (on the rows assigned
         in both) with a previous clustering; undefined figures are None.
     """
-    store = open_store(store_url)
+    store = open_store(store_url, storage_options)
     current = open_clustering(store, name)
     leaves = {_CURRENT: current.assignment_array(current.leaf_level)}
     if previous_url and previous_name:
-        previous = open_clustering(open_store(previous_url), previous_name)
+        previous = open_clustering(open_store(previous_url, storage_options), previous_name)
         leaves[_PREVIOUS] = previous.assignment_array(previous.leaf_level)
     compare = [(_CURRENT, _PREVIOUS)] if _PREVIOUS in leaves else []
     evaluator = evaluate_store(StoreLabels(store), leaves, row_blocks(store.num_rows, block_rows), compare=compare,

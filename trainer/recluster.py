@@ -4,18 +4,17 @@ and read back the targets; only the stores of the current and the previous clust
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from indexes.distributed import barrier, reducer
-from trainer.checkpoint import save_atomic
 from trainer.config import TrainConfig
 from trainer.labels import Labels
+from trainer.run_folder import RunFolder
+
+FEATURES = "features"
 
 
 def clustering_name(epoch: int) -> str:
@@ -25,21 +24,24 @@ def clustering_name(epoch: int) -> str:
 class Reclusterer:
     """The re-clusterings of one run (every rank holds one; rank 0 writes the shared files)."""
 
-    def __init__(self, config: TrainConfig, rank: int, milestone: Callable[[str], None]) -> None:
+    def __init__(self, config: TrainConfig, folder: RunFolder, rank: int, milestone: Callable[[str], None]) -> None:
         self.config = config
+        self.folder = folder
         self.rank = rank
         self.milestone = milestone
 
     def store_url(self, name: str) -> str:
-        return os.path.join(self.config.out, "features", name)
+        return self.folder.child(FEATURES, name)
 
-    def backbone_path(self, name: str) -> str:
-        return os.path.join(self.config.out, f"backbone-{name}.pt")
+    @staticmethod
+    def backbone_file(name: str) -> str:
+        return f"backbone-{name}.pt"
 
     def labels_of(self, name: str) -> Labels:
         from dataengine.store import open_store
 
-        return Labels.from_store(open_store(self.store_url(name)), name, self.config.mode)
+        store = open_store(self.store_url(name), self.folder.storage_options)
+        return Labels.from_store(store, name, self.config.mode)
 
     def run(self, epoch: int, backbone: nn.Module, feature_dim: int) -> Labels:
         """Embed the training set with ``backbone`` (ClusterFit: with the given network) and cluster it."""
@@ -54,10 +56,10 @@ class Reclusterer:
         if checkpoint is not None and names_pretrained_model(checkpoint):
             model, checkpoint = checkpoint, None  # a pretrained network named as embed's --model
         elif checkpoint is None:
-            checkpoint = self.backbone_path(name)
+            checkpoint = self.folder.child(self.backbone_file(name))
             if self.rank == 0:
-                save_atomic({"arch": config.model.arch, "sobel": config.model.sobel,
-                             "backbone": backbone.state_dict()}, checkpoint)
+                self.folder.save(self.backbone_file(name), {"arch": config.model.arch, "sobel": config.model.sobel,
+                                                             "backbone": backbone.state_dict()})
             barrier()
             self.milestone("recluster.backbone_saved")
         store = self.store_url(name)
@@ -74,7 +76,8 @@ class Reclusterer:
                                   num_iterations=clustering.kmeans_iterations, seed=config.seed + epoch,
                                   sample_per_centroid=clustering.sample_per_centroid,
                                   max_sample_rows=clustering.max_sample_rows,
-                                  neighbor_index=False, overwrite=True, num_threads=threads),
+                                  neighbor_index=False, overwrite=True, num_threads=threads,
+                                  storage_options=data.storage_options),
                     reducer=reducer())
         self.milestone("recluster.clustered")
         return self.labels_of(name)
@@ -85,7 +88,8 @@ class Reclusterer:
 
         previous_url = self.store_url(previous.name) if previous else None
         return clustering_nmi(self.store_url(labels.name), labels.name, previous_url,
-                              previous.name if previous else None, average_method=self.config.clustering.nmi_average)
+                              previous.name if previous else None, average_method=self.config.clustering.nmi_average,
+                              storage_options=self.folder.storage_options)
 
     def drop_unused(self, keep: set[str]) -> None:
         """Remove the feature stores (N x d floats each) and backbone snapshots of every clustering not named in
@@ -93,12 +97,10 @@ class Reclusterer:
         no other clustering is on disk."""
         if self.rank != 0:
             return
-        folder = os.path.join(self.config.out, "features")
-        stores = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-        snapshots = {name[len("backbone-"):-len(".pt")] for name in os.listdir(self.config.out)
+        stores = set(self.folder.listdir(FEATURES))
+        snapshots = {name[len("backbone-"):-len(".pt")] for name in self.folder.listdir()
                      if name.startswith("backbone-") and name.endswith(".pt")}
         for name in sorted((stores | snapshots) - keep):
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            self.folder.remove_tree(f"{FEATURES}/{name}")
             self.milestone("recluster.dropping")
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.backbone_path(name))
+            self.folder.remove(self.backbone_file(name))

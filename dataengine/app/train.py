@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 @app.command()
 def train(
     shards: str = typer.Argument(..., help="Ingest output to train on (local or s3://)."),
-    out: str = typer.Option(..., "--out", help="Run folder (checkpoint.pt, metrics.jsonl, features/)."),
+    out: str = typer.Option(..., "--out", help="Run folder, local or s3:// (checkpoint.pt, metrics.jsonl, features/)."),
     mode: str = typer.Option("deepercluster", "--mode", help="deepercluster, deepcluster, rotnet or clusterfit."),
     arch: str = typer.Option("small", "--arch", help="small, vgg16_bn, resnet18 or resnet50."),
     sobel: Optional[bool] = typer.Option(None, "--sobel/--no-sobel", help="Fixed grayscale + Sobel input layer "
@@ -72,7 +72,7 @@ def train(
 ) -> None:
     """Train DeeperCluster (or DeepCluster, RotNet, ClusterFit) on streamed shards, resumably."""
     from dataengine.errors import DataEngineError
-    from dataengine.fs import parse_storage_options
+    from dataengine.fs import join, parse_storage_options
     from indexes.distributed import process_group
     from trainer.config import (ClusteringConfig, DataConfig, DistributedConfig, ModelConfig, OptimConfig,
                                 ScheduleConfig, TrainConfig)
@@ -110,7 +110,7 @@ def train(
              m.get("clustering", {}).get("nmi_previous", "")] for m in result.metrics]
     print_table(f"train {mode}: {result.epochs} epochs, {result.steps} steps in {result.seconds:.1f} s",
                 ["epoch", "loss", "samples/s", "NMI t-1/t"], rows)
-    emit_summary(dict(result.to_dict(), metrics=os.path.join(out, "metrics.jsonl")), as_json)
+    emit_summary(dict(result.to_dict(), metrics=join(out, "metrics.jsonl")), as_json)
 
 
 def _train_dry_run(config: "TrainConfig") -> "DryRun":
@@ -118,12 +118,13 @@ def _train_dry_run(config: "TrainConfig") -> "DryRun":
     another is refused, as the run would), the plan."""
     from dataengine.dryrun import DryRun, train_plan
     from dataengine.shards import load_shard_set
-    from trainer.checkpoint import checkpoint_path, read_checkpoint_state
+    from trainer.checkpoint import read_checkpoint_state
+    from trainer.run_folder import RunFolder
 
     if os.path.isfile(config.out):
         raise ValueError(f"{config.out} is a file, not a run folder; choose another --out")
     rows = load_shard_set(config.data.shards, config.data.storage_options).num_samples
-    state = read_checkpoint_state(checkpoint_path(config.out), config)
+    state = read_checkpoint_state(RunFolder(config.out, config.data.storage_options), config)
     output = "new" if state is None else "resume"
     plan = train_plan(rows, epochs=config.schedule.epochs, reassign_every=config.schedule.reassign_every,
                       arch=config.model.arch, image_size=config.data.image_size,

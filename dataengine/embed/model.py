@@ -14,6 +14,7 @@ import torch
 
 from dataengine.embed.config import EmbedConfig
 from dataengine.embed.decode import describe_error
+from dataengine.fs import is_remote
 from dataengine.models import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -47,16 +48,16 @@ def build_model(config: EmbedConfig) -> EmbedModel:
     weights = checkpoint = None
     spec = config.model_spec
     if config.checkpoint:
-        backbone = models.load_checkpoint(config.checkpoint)
+        backbone = models.load_checkpoint(config.checkpoint, config.storage_options)
         if config.model and config.model != backbone.arch:
             raise ValueError(f"model {config.model} differs from the checkpoint's architecture {backbone.arch}")
         if config.sobel and not backbone.has_sobel:
             raise ValueError("sobel=True, but the checkpoint's backbone has no Sobel layer")
-        path = models.checkpoint_file(config.checkpoint)
+        path = models.checkpoint_file(config.checkpoint, config.storage_options)
         # The weights, not the file: a checkpoint re-saved with other optimizer state embeds the same.
         digest = models.weights_digest(backbone)
         checkpoint = {"name": os.path.basename(path.rstrip("/")), "weights_sha256": digest}
-        record = {"name": backbone.arch, "kind": "checkpoint", "source": os.path.abspath(path),
+        record = {"name": backbone.arch, "kind": "checkpoint", "source": path if is_remote(path) else os.path.abspath(path),
                   "weights_sha256": digest, "file_sha256": None}
     elif spec.kind in ("torchscript", "entry"):
         extractor, built = build_external(spec)

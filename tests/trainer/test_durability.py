@@ -18,13 +18,17 @@ import shutil
 import pytest
 import torch
 
+from trainer.run_folder import RunFolder
+
 # Run in a forkserver child that has the trainer imported already (a fresh interpreter spends ~20 s importing
 # torch on a busy machine); ``exec`` of source text needs nothing importable from this test module.
 CHILD = """
 import json, os, shutil
+import trainer.run_folder
 from trainer.config import TrainConfig
 from trainer.loop import run_train
-values, point, nth, snapshot = json.loads(ARGS)
+values, point, nth, snapshot, part_bytes = json.loads(ARGS)
+trainer.run_folder.UPLOAD_PART_BYTES = part_bytes or trainer.run_folder.UPLOAD_PART_BYTES
 seen = []
 def milestone(name):
     seen.append(name)
@@ -49,12 +53,14 @@ def _values(shards: str, out) -> dict:
                 buffer_size=64, num_threads=1, checkpoint_every=3)
 
 
-def _train(values: dict, point: str = "", nth: int = 0, snapshot: str = "") -> int:
+def _train(values: dict, point: str = "", nth: int = 0, snapshot: str = "", part_bytes: int = 0) -> int:
     """Exit code of a training run in a fresh process: 0, or 137 when it died at the ``nth`` ``point``; with
-    ``snapshot``, the run copies its folder there at that point instead and goes on."""
+    ``snapshot``, the run copies its folder there at that point instead and goes on. ``part_bytes`` sets the
+    part size of multipart uploads to object storage."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
-    child = context.Process(target=exec, args=(CHILD, {"ARGS": json.dumps([values, point, nth, snapshot])}))
+    args = json.dumps([values, point, nth, snapshot, part_bytes])
+    child = context.Process(target=exec, args=(CHILD, {"ARGS": args}))
     child.start()
     child.join(timeout=600)
     assert child.exitcode in (0, 137), f"exit code {child.exitcode} (its traceback is in the captured stderr)"
@@ -67,13 +73,22 @@ def _without_timing(value):
     return value
 
 
-def _outcome(out) -> dict:
-    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    with open(os.path.join(out, "metrics.jsonl")) as handle:
-        metrics = [_without_timing(json.loads(line)) for line in handle]
+def _outcome(out, storage_options: dict | None = None) -> dict:
+    """The run folder's checkpointed weights, metrics without timings, files and feature stores (local or
+    remote)."""
+    folder = RunFolder(str(out), storage_options)
+    state = folder.load("checkpoint.pt")
+    metrics = [_without_timing(json.loads(line)) for line in folder.location.read_bytes("metrics.jsonl").splitlines()]
     return {"weights": {**state["backbone"], **{f"head.{k}": v for k, v in state["head"].items()}},
-            "metrics": metrics, "files": sorted(os.listdir(out)),
-            "stores": sorted(os.listdir(os.path.join(out, "features")))}
+            "metrics": metrics, "files": folder.listdir(), "stores": folder.listdir("features")}
+
+
+def _same_run(got: dict, expected: dict) -> None:
+    assert got["metrics"] == expected["metrics"]
+    assert (got["files"], got["stores"]) == (expected["files"], expected["stores"])
+    assert got["weights"].keys() == expected["weights"].keys()
+    for name, tensor in expected["weights"].items():
+        assert torch.equal(tensor, got["weights"][name]), name
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +105,61 @@ def reference(train_shards, tmp_path_factory):
 @pytest.mark.parametrize("point, nth", POINTS)
 def test_a_kill_at_any_step_resumes_to_the_uninterrupted_run(reference, point, nth):
     values, snapshot, expected = reference
-    shutil.rmtree(values["out"])
+    shutil.rmtree(values["out"], ignore_errors=True)
     shutil.copytree(snapshot, values["out"])
     assert _train(values, point, nth) == 137, f"the run was to die at {point} #{nth}"
     assert _train(values) == 0
-    got = _outcome(values["out"])
-    assert got["metrics"] == expected["metrics"]
-    assert (got["files"], got["stores"]) == (expected["files"], expected["stores"])
-    assert got["weights"].keys() == expected["weights"].keys()
-    for name, tensor in expected["weights"].items():
-        assert torch.equal(tensor, got["weights"][name]), name
+    _same_run(_outcome(values["out"]), expected)
+
+
+def test_a_run_folder_moved_elsewhere_resumes_there(reference, tmp_path):
+    """The run folder is no part of the run's identity: a folder killed in the middle of an embedding, then
+    moved, resumes at its new place to the uninterrupted run (its checkpoint and its half-made feature store
+    are accepted there)."""
+    values, snapshot, expected = reference
+    shutil.rmtree(values["out"], ignore_errors=True)
+    shutil.copytree(snapshot, values["out"])
+    assert _train(values, "recluster.embed_block", 1) == 137
+    moved = dict(values, out=str(tmp_path / "elsewhere" / "run"))
+    shutil.move(values["out"], moved["out"])
+    assert _train(moved) == 0
+    _same_run(_outcome(moved["out"]), expected)
+
+
+def _upload(folder: str, url: str, storage_options: dict) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**storage_options)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            fs.put_file(os.path.join(root, name), f"{url}/{rel}")
+
+
+def _multipart_uploads(url: str, storage_options: dict) -> list:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**storage_options)
+    bucket, prefix, _ = fs.split_path(url)
+    return fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/").get("Uploads", [])
+
+
+def test_a_run_on_object_storage_killed_during_an_upload_resumes_to_the_local_run(reference, s3_bucket, s3_server,
+                                                                                  monkeypatch):
+    """``--out s3://...``: the run folder after two epochs (the local run's, uploaded) re-clusters on object
+    storage, is killed between two parts of the multipart upload of its second checkpoint in the epoch, and
+    resumed: the previous checkpoint (the re-clustering's) stays what is read, the resumed run aborts the
+    incomplete upload, and the outcome is the local uninterrupted run's. (Every other milestone is the same
+    code path as locally, tested above; one case against moto takes ~100 s on a busy machine.)"""
+    values, snapshot, expected = reference
+    remote = dict(values, out=f"{s3_bucket}/runs/a", storage_options=s3_server)
+    _upload(snapshot, remote["out"], s3_server)
+    # Parts far below S3's 5 MiB minimum, so that the small test checkpoint is uploaded in several.
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1)
+    assert _train(remote, "checkpoint.uploading", 2, part_bytes=64 << 10) == 137
+    assert len(_multipart_uploads(remote["out"], s3_server)) == 1
+    state = RunFolder(remote["out"], s3_server).load("checkpoint.pt")
+    assert (state["epoch"], state["step"], state["clustering"]) == (2, 0, "epoch002")
+    assert _train(remote) == 0
+    _same_run(_outcome(remote["out"], s3_server), expected)
+    assert _multipart_uploads(remote["out"], s3_server) == []
