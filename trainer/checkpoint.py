@@ -10,11 +10,17 @@ the backbone.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from trainer.config import SECTIONS, TrainConfig
-from trainer.run_folder import RunFolder
+from trainer.run_folder import RunFolder, remove_stale_temporaries, replace_durably
+
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "checkpoint_path", "config_json",
+           "read_checkpoint_state", "remove_stale_temporaries", "replace_durably", "save_atomic", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "trainer.checkpoint"
 CHECKPOINT_VERSION = 2
@@ -25,6 +31,16 @@ CHECKPOINT_FILE = "checkpoint.pt"
 IDENTITY_EXEMPT = ("out",)
 """Options that may differ between the run that wrote a checkpoint and the run that resumes it: the run folder
 itself (a folder moved or copied elsewhere resumes there)."""
+
+
+def checkpoint_path(out: str) -> str:
+    """``RUN/checkpoint.pt`` of a local run folder."""
+    return os.path.join(out, CHECKPOINT_FILE)
+
+
+def save_atomic(obj: Any, path: str, before_rename: Callable[[], None] | None = None) -> None:
+    """``torch.save`` ``obj`` to the local file ``path`` through :func:`replace_durably`."""
+    replace_durably(path, lambda handle: torch.save(obj, handle), before_rename)
 
 
 def save_checkpoint(folder: RunFolder, state: dict[str, Any], before_publish: Callable[[], None] | None = None,

@@ -124,7 +124,7 @@ class Trainer:
         self.network = Network(config)
         if config.model.init and config.mode != "clusterfit":
             self._load_backbone(config.model.init)
-        self.reclusterer = Reclusterer(config, self.folder, self.rank, self.milestone)
+        self.reclusterer = Reclusterer(config, self.rank, self.milestone, self.folder)
         self.labels: Labels | None = None
         self.previous: Labels | None = None
         self.optimizer = self._optimizer()

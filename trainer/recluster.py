@@ -24,9 +24,10 @@ def clustering_name(epoch: int) -> str:
 class Reclusterer:
     """The re-clusterings of one run (every rank holds one; rank 0 writes the shared files)."""
 
-    def __init__(self, config: TrainConfig, folder: RunFolder, rank: int, milestone: Callable[[str], None]) -> None:
+    def __init__(self, config: TrainConfig, rank: int, milestone: Callable[[str], None],
+                 folder: RunFolder | None = None) -> None:
         self.config = config
-        self.folder = folder
+        self.folder = folder or RunFolder(config.out, config.data.storage_options)
         self.rank = rank
         self.milestone = milestone
 
