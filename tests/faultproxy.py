@@ -223,10 +223,18 @@ class FaultProxy:
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
 
+        loop = self._loop
+
         def main() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(serve())
-            self._loop.run_forever()
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(serve())
+            loop.run_forever()
+            # Stopped: end the connections' tasks before the loop goes (no "Task was destroyed" warnings).
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
 
         self._thread = threading.Thread(target=main, daemon=True, name="faultproxy")
         self._thread.start()

@@ -101,19 +101,24 @@ def _assert_same_store(got, expected):
 
 
 @pytest.fixture(scope="module")
-def clean(corpus, s3_server, tmp_path_factory):
-    """Clean runs: ``{"bucket", "fs", "ingest": {name: sha256}, "store": attrs and arrays}``. The ingest goes
-    straight to moto; the embed reads its shards straight from moto into a local store (an ``s3://`` store
-    holds the same arrays and attributes, and costs far more requests)."""
+def clean(corpus, s3_server):
+    """A clean ingest straight to moto: ``{"bucket", "fs", "ingest": {name: sha256}}``."""
     import s3fs
 
     fs = s3fs.S3FileSystem(**s3_server)
     bucket = "s3://faults-clean"
     fs.mkdir(bucket)
     _ingest(corpus, f"{bucket}/ingest", s3_server)
+    return {"bucket": bucket, "fs": fs, "ingest": _objects(fs, f"{bucket}/ingest")}
+
+
+@pytest.fixture(scope="module")
+def clean_store(clean, s3_server, tmp_path_factory):
+    """Attributes and arrays of a clean embed of the clean ingest, read straight from moto into a local store
+    (an ``s3://`` store holds the same arrays and attributes, and costs far more requests)."""
     store = str(tmp_path_factory.mktemp("faults-clean") / "store.zarr")
-    _embed(f"{bucket}/ingest", store, s3_server)
-    return {"bucket": bucket, "fs": fs, "ingest": _objects(fs, f"{bucket}/ingest"), "store": _store(store, None)}
+    _embed(f"{clean['bucket']}/ingest", store, s3_server)
+    return _store(store, None)
 
 
 # ------------------------------------------------------------------------------------------ ingest
@@ -172,7 +177,7 @@ def test_ingest_from_s3_inputs_through_faults_writes_the_clean_objects(corpus, s
 
 
 @pytest.mark.slow
-def test_embed_through_faults_and_a_cut_link_resumes_to_the_clean_arrays(clean, s3_bucket, fault_proxy):
+def test_embed_through_faults_and_a_cut_link_resumes_to_the_clean_arrays(clean, clean_store, s3_bucket, fault_proxy):
     # Besides the drawn faults: a shard's download is cut mid-body and another's stalls; then the link goes
     # down for good at the write of block 1's features, the run fails, and the re-run resumes.
     shards = f"{clean['bucket']}/ingest"
@@ -187,7 +192,7 @@ def test_embed_through_faults_and_a_cut_link_resumes_to_the_clean_arrays(clean, 
     proxy.heal()
     result = _embed(shards, f"{s3_bucket}/store.zarr", _through(proxy))
     assert result.resumed_blocks == 1 and result.complete
-    _assert_same_store(_store(f"{s3_bucket}/store.zarr", proxy.storage_options), clean["store"])
+    _assert_same_store(_store(f"{s3_bucket}/store.zarr", proxy.storage_options), clean_store)
     assert _faults(proxy) >= 4, proxy.stats
 
 
