@@ -368,13 +368,13 @@ def sidecar_metadata(key: str, sidecars: dict[str, bytes | None]) -> dict[str, A
     for extension in _TEXT_MEMBERS:
         if sidecars.get(extension) is not None:
             row[extension] = sidecars[extension].decode("utf-8", "replace")
-    _merge_sidecar(row, fields)
+    merge_sidecar_fields(row, fields)
     if row.get("label") is None and row.get("cls") is not None:
         row["label"] = row["cls"].strip()
     return row
 
 
-def _merge_sidecar(row: dict[str, Any], sidecar: dict[str, Any]) -> None:
+def merge_sidecar_fields(row: dict[str, Any], sidecar: dict[str, Any]) -> None:
     """Put the sidecar's fields into the row: ingest columns when the value fits, else ``sidecar_<name>``."""
     from dataengine.metadata_table import meta_schema
 

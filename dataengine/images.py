@@ -35,6 +35,61 @@ class ImageRejected(Exception):
     """The bytes are not a usable image (empty, truncated, not an image, unsupported, too large)."""
 
 
+class ImageFiltered(ImageRejected):
+    """A decodable image that the size filters refuse (shorter side too small, aspect ratio too large)."""
+
+
+RESIZE_MODES = ("keep_ratio", "center_crop", "border", "no")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resize:
+    """How images are resized and which ones are kept (img2dataset's options of the same names)."""
+
+    mode: str = "keep_ratio"
+    """``keep_ratio``: the shorter side becomes ``image_size``; ``center_crop``: then the centre square of
+    ``image_size``; ``border``: the longer side becomes ``image_size``, padded with white to a square;
+    ``no``: stored at the original size."""
+    only_if_bigger: bool = True
+    """Resize only images larger than ``image_size`` (the shorter side for keep_ratio and center_crop, the
+    longer for border); smaller ones are kept as they are, never upscaled."""
+    min_image_size: int = 0
+    """Images whose shorter side (before resizing) is smaller are refused (``filtered``)."""
+    max_aspect_ratio: float = float("inf")
+    """Images whose longer side over shorter side (before resizing) is larger are refused (``filtered``)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {self.mode!r}")
+        if self.min_image_size < 0:
+            raise ValueError(f"min_image_size must be >= 0, got {self.min_image_size}")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+
+    def check(self, width: int, height: int) -> None:
+        """Raise :class:`ImageFiltered` when a ``width`` x ``height`` original is refused by the filters."""
+        shorter, longer = min(width, height), max(width, height)
+        if shorter < self.min_image_size:
+            raise ImageFiltered(f"image too small: {width}x{height}, shorter side under {self.min_image_size}")
+        if longer > self.max_aspect_ratio * shorter:
+            raise ImageFiltered(f"aspect ratio too large: {width}x{height}, over {self.max_aspect_ratio:g}")
+
+    def output_size(self, width: int, height: int, image_size: int) -> tuple[int, int]:
+        """The stored size of a ``width`` x ``height`` image."""
+        if self.mode == "no":
+            return width, height
+        if self.mode == "border":
+            if self.only_if_bigger and max(width, height) <= image_size:
+                return width, height
+            return image_size, image_size
+        if self.only_if_bigger and min(width, height) <= image_size:
+            return width, height
+        return (image_size, image_size) if self.mode == "center_crop" else _scaled(width, height, image_size)
+
+
+KEEP_RATIO = Resize()
+
+
 def _describe(exc: Exception) -> str:
     # PIL messages may embed object reprs ("<_io.BytesIO object at 0x7f...>"); drop them so that ledgers
     # are reproducible byte for byte.
@@ -48,6 +103,8 @@ class NormalizedImage:
     jpeg: bytes
     width: int
     height: int
+    original_width: int = 0
+    original_height: int = 0
 
 
 def preload_plugins() -> None:
@@ -94,7 +151,17 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _check_raster(image: Image.Image, image_size: int, max_pixels: int) -> None:
+def _open_filtered(data: bytes, max_pixels: int, resize: Resize, original: list[int]) -> Image.Image:
+    """The opened image once the size filters accept it; its upright original size is put in ``original``."""
+    image = _open_checked(data, max_pixels)
+    width, height = image.size
+    if resize.min_image_size or resize.max_aspect_ratio != float("inf"):
+        resize.check(width, height)  # symmetric in width and height: EXIF orientation does not matter
+    original.extend((width, height))  # as stored: _resize turns it upright (reading EXIF here may decode a PNG)
+    return image
+
+
+def _check_raster(image: Image.Image, image_size: int, max_pixels: int, resize: Resize = KEEP_RATIO) -> None:
     """Refuse, before decoding, a raster too large for memory or an output JPEG cannot hold."""
     width, height = image.size
     needed, budget = decoded_bytes(width, height), max_decoded_bytes(max_pixels)
@@ -104,7 +171,7 @@ def _check_raster(image: Image.Image, image_size: int, max_pixels: int) -> None:
     tile = _tiff_tile_bytes(image)
     if tile > budget:  # libtiff allocates a whole tile, whatever the image's size
         raise ImageRejected(f"decompression bomb: a TIFF tile of {tile} bytes, more than the {budget} allowed")
-    out_width, out_height = _resized_size(width, height, image_size)
+    out_width, out_height = resize.output_size(width, height, image_size)
     if max(out_width, out_height) > JPEG_MAX_SIDE:
         raise ImageRejected(f"aspect ratio too extreme: {width}x{height} would be stored as {out_width}x{out_height}, "
                             f"over JPEG's {JPEG_MAX_SIDE}-pixel side")
@@ -120,12 +187,12 @@ def _tiff_tile_bytes(image: Image.Image) -> int:
     return int(tags[322]) * int(tags[323]) * int(tags.get(277, 1)) * ((int(bits) + 7) // 8)
 
 
-def _decode(image: Image.Image, image_size: int, max_pixels: int) -> Image.Image:
+def _decode(image: Image.Image, image_size: int, max_pixels: int, resize: Resize = KEEP_RATIO) -> Image.Image:
     # JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= the target size:
     # still a full decode of the stream (truncation is detected) at a fraction of the cost.
-    if image.format == "JPEG":
+    if image.format == "JPEG" and resize.mode != "no":
         image.draft("RGB", (image_size, image_size))
-    _check_raster(image, image_size, max_pixels)
+    _check_raster(image, image_size, max_pixels, resize)
     try:
         image.load()
     except Exception as exc:  # truncated data, broken codec streams, unsupported modes
@@ -145,41 +212,61 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
-    shorter = min(width, height)
-    if shorter <= image_size:  # never upscale
-        return width, height
-    scale = image_size / shorter
+def _scaled(width: int, height: int, image_size: int, side: int | None = None) -> tuple[int, int]:
+    """``width`` x ``height`` scaled so that ``side`` (default: the shorter one) becomes ``image_size``."""
+    scale = image_size / (min(width, height) if side is None else side)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _resize_shorter(image: Image.Image, image_size: int) -> Image.Image:
-    size = _resized_size(*image.size, image_size)
-    if size == image.size:
+def _resize(image: Image.Image, image_size: int, resize: Resize, original: list[int]) -> Image.Image:
+    """``image`` (maybe draft-scaled) as :class:`Resize` says of its ``original`` size."""
+    if (original[0] - original[1]) * (image.width - image.height) < 0:  # EXIF turned it: the upright original
+        original.reverse()
+    if resize.mode == "no" or resize.output_size(*original, image_size) == tuple(original):
         return image
-    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    width, height = image.size
+    if resize.mode == "border":
+        size = _scaled(width, height, image_size, max(width, height))
+    else:
+        size = _scaled(width, height, image_size)
+    if size != (width, height):
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if resize.mode == "center_crop":
+        left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
+        return image.crop((left, top, left + image_size, top + image_size))
+    if resize.mode == "border":
+        canvas = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+        canvas.paste(image, ((image_size - image.width) // 2, (image_size - image.height) // 2))
+        return canvas
+    return image
 
 
-def normalize_image(data: bytes, image_size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> NormalizedImage:
+def normalize_image(data: bytes, image_size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    resize: Resize = KEEP_RATIO) -> NormalizedImage:
     """Decode ``data`` fully, apply EXIF orientation, convert to RGB, resize and re-encode as JPEG.
 
     Args:
         data: the original file bytes.
-        image_size: the shorter side after resizing; smaller images are kept as they are.
+        image_size: the shorter side after resizing (with the default ``resize``); smaller images are kept
+            as they are.
         quality: JPEG quality of the re-encoded image.
         max_pixels: images with more pixels, or whose decoded raster would take more bytes than
             :func:`max_decoded_bytes` allows, are rejected as decompression bombs.
+        resize: the resize mode and the size filters.
 
     Raises:
-        ImageRejected: with a human-readable reason when the bytes are not a usable image.
+        ImageRejected: with a human-readable reason when the bytes are not a usable image;
+            :class:`ImageFiltered` when the size filters refuse it.
     """
     try:
+        original: list[int] = []
         # Nested calls, so that no name here keeps a raster alive once the next step has converted it.
-        image = _resize_shorter(_to_rgb(_decode(_open_checked(data, max_pixels), image_size, max_pixels)), image_size)
+        image = _resize(_to_rgb(_decode(_open_filtered(data, max_pixels, resize, original), image_size, max_pixels,
+                                        resize)), image_size, resize, original)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=quality, optimize=False)
     except (ImageRejected, MemoryError):  # memory running out within the bounds is the machine's, not the sample's
         raise
     except Exception as exc:  # anything else a decoder, EXIF parser or encoder raises on these bytes is theirs
         raise ImageRejected(f"conversion failed: {_describe(exc)}") from exc
-    return NormalizedImage(out.getvalue(), image.width, image.height)
+    return NormalizedImage(out.getvalue(), image.width, image.height, *original)

@@ -70,10 +70,17 @@ def rows_to_table(rows: list[dict[str, Any]]) -> "pa.Table":
     return table
 
 
-def rows_to_parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
-    """Serialize sample dicts as a Parquet file in memory."""
+def rows_to_parquet_bytes(rows: list[dict[str, Any]], extra_columns: bool = False) -> bytes:
+    """Serialize sample dicts as a Parquet file in memory (``extra_columns``: keys outside the schema become
+    columns after it, see :func:`dataengine.foreign_shards.rows_table`; else they are left out)."""
     import pyarrow.parquet as pq
 
+    if extra_columns:
+        from dataengine.foreign_shards import rows_table
+
+        table = rows_table(rows)
+    else:
+        table = rows_to_table(rows)
     buffer = io.BytesIO()
-    pq.write_table(rows_to_table(rows), buffer, compression="zstd")
+    pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()

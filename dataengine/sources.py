@@ -1,10 +1,12 @@
 """Ingest inputs: the ordered rows of a source, and how a worker turns a row into bytes plus metadata.
 
-Three kinds of source exist:
+These kinds of source exist:
 
 * a YFCC metadata file plus an images root (``<root>/<photo_id>.<ext>`` or the download URL's basename);
 * a YFCC metadata file in download mode (each photo fetched from its download URL over HTTP);
 * an image folder or a tar of images, where a class sub-folder becomes the ``label``;
+* a URL list in img2dataset's formats (txt, csv, tsv, json, jsonl, parquet; see :mod:`dataengine.url_lists`),
+  each URL fetched over HTTP like download mode;
 * a webdataset tar (samples ``<key>.jpg`` with sidecars ``<key>.json``/``.txt``/``.cls``..., e.g. a shard
   of img2dataset): each sample is a row that keeps its key, its ``.json`` fields in its metadata and its
   other sidecars as members of the output sample (see :func:`dataengine.foreign_shards.webdataset_tar_samples`).
@@ -41,6 +43,7 @@ from dataengine.download import Downloader
 from dataengine.errors import InputCorruptError, InputUnusableError
 from dataengine.fs import is_decompression_error, is_remote, iter_lines, open_input, url_to_fs
 from dataengine.tario import iter_members, scan_tar
+from dataengine.url_lists import UrlList, UrlRow, check_url_list, iter_url_rows
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class Row:
     key: str | None = None  # a webdataset sample's key (kept as the ingest key)
     sidecars: tuple[tuple[str, bytes], ...] = ()  # a webdataset sample's other members: (extension, bytes)
     member_file: str | None = None  # local file holding the bytes at ``offset`` (None: the images tar itself)
+    url_row: UrlRow | None = None  # a URL list's row
 
 
 @dataclass
@@ -110,9 +114,13 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def iter_rows(yfcc_url: str | None, images_url: str | None, storage_options: dict[str, Any]) -> Iterator[Row]:
+def iter_rows(yfcc_url: str | None, images_url: str | None, storage_options: dict[str, Any],
+              url_list: UrlList | None = None) -> Iterator[Row]:
     """Enumerate the input rows in input order."""
-    if yfcc_url:
+    if url_list is not None:
+        for index, url_row in enumerate(iter_url_rows(url_list, storage_options)):
+            yield Row(index, url_row=url_row)
+    elif yfcc_url:
         index = 0
         for line in iter_lines(yfcc_url, storage_options, max_bytes=yfcc.MAX_LINE_BYTES):
             if line.strip():  # blank lines are not rows
@@ -132,7 +140,7 @@ def iter_rows(yfcc_url: str | None, images_url: str | None, storage_options: dic
 
 
 def check_inputs(yfcc_url: str | None, images_url: str | None, download: bool,
-                 storage_options: dict[str, Any]) -> None:
+                 storage_options: dict[str, Any], url_list: UrlList | None = None) -> None:
     """Check that the inputs exist and are what they should be (a file, a folder), before any output is made.
 
     Raises:
@@ -140,6 +148,9 @@ def check_inputs(yfcc_url: str | None, images_url: str | None, download: bool,
             unreadable.
         InputCorruptError: the metadata file's compression is broken from its first bytes.
     """
+    if url_list is not None:
+        _check_kind(url_list.url, "file", "URL list", storage_options)
+        check_url_list(url_list, storage_options)
     if yfcc_url:
         _check_kind(yfcc_url, "file", "metadata file", storage_options)
         if is_remote(yfcc_url) or os.path.isfile(_local_path(yfcc_url)):  # not a pipe: a probe would eat its bytes
@@ -283,6 +294,8 @@ class Fetcher:
         return parsed
 
     def _parse(self, row: Row) -> Fetched:
+        if row.url_row is not None:
+            return _url_list_row(row.url_row)
         if row.key is not None:
             return _webdataset_sample(row)
         if row.line is None:
@@ -396,6 +409,24 @@ class Fetcher:
         if len(data) > MAX_FILE_BYTES:
             raise _Unusable("corrupt", _too_large())
         return data
+
+
+def _url_list_row(url_row: UrlRow) -> Fetched:
+    """A URL list's row: fetched from its URL; ``url``, ``caption`` and the additional columns in its metadata
+    (as img2dataset names them), the caption also as the sample's ``.txt``."""
+    from dataengine.foreign_shards import merge_sidecar_fields
+
+    metadata: dict[str, Any] = {"key": url_row.key}
+    fields: dict[str, Any] = dict(url_row.extras)
+    fields["url"] = url_row.url
+    if url_row.caption is not None:
+        fields["caption"] = url_row.caption
+    merge_sidecar_fields(metadata, fields)  # an additional column named like an ingest column must fit its type
+    metadata.update(download_url=url_row.url, source=url_row.url)
+    if url_row.error:
+        return Fetched(url_row.key, metadata, status="bad_metadata", error=url_row.error)
+    extras = (("txt", url_row.caption.encode("utf-8", "replace")),) if url_row.caption is not None else ()
+    return Fetched(url_row.key, metadata, extras=extras)
 
 
 def _webdataset_sample(row: Row) -> Fetched:

@@ -20,14 +20,49 @@ def _node_split(num_nodes: Optional[int], node_rank: Optional[int]) -> tuple[int
     return num_nodes, node_rank or 0
 
 
+def _columns(text: Optional[str]) -> tuple[str, ...]:
+    """``a,b`` or img2dataset's JSON list ``["a", "b"]``."""
+    if not text:
+        return ()
+    if text.lstrip().startswith("["):
+        import json
+
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--save-additional-columns {text!r} is not a JSON list: {exc}") from None
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"--save-additional-columns {text!r} is not a list of column names")
+        return tuple(names)
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 @app.command()
 def ingest(
     out: str = typer.Option(..., "--out", help="Output folder (local path or s3://bucket/prefix)."),
     yfcc: Optional[str] = typer.Option(None, "--yfcc", help="YFCC100M metadata file (.gz/.bz2 ok, local or URL)."),
     images: Optional[str] = typer.Option(None, "--images", help="Images root for --yfcc, or an image folder/tar."),
     download: bool = typer.Option(False, "--download", help="Fetch photos from their download URLs (HTTP)."),
+    url_list: Optional[str] = typer.Option(None, "--url-list", help="URL list to download, as img2dataset's: "
+                                           "txt, csv, tsv, json, jsonl or parquet (.gz/.bz2 ok, local or URL)."),
+    input_format: Optional[str] = typer.Option(None, "--input-format", help="Format of --url-list (default: "
+                                               "from its name)."),
+    url_col: str = typer.Option("url", "--url-col", help="Column of --url-list holding the URLs."),
+    caption_col: Optional[str] = typer.Option(None, "--caption-col", help="Column of --url-list holding captions."),
+    save_additional_columns: Optional[str] = typer.Option(
+        None, "--save-additional-columns", help="Columns of --url-list kept in the metadata: a,b or a JSON list."),
+    resize_mode: str = typer.Option("keep_ratio", "--resize-mode", help="keep_ratio, center_crop, border or no."),
+    resize_only_if_bigger: bool = typer.Option(True, "--resize-only-if-bigger/--no-resize-only-if-bigger",
+                                               help="Never upscale smaller images (img2dataset's default upscales)."),
+    min_image_size: int = typer.Option(0, "--min-image-size", help="Refuse images whose shorter side is smaller."),
+    max_aspect_ratio: float = typer.Option(float("inf"), "--max-aspect-ratio",
+                                           help="Refuse images whose longer side over shorter side is larger."),
+    distributor: str = typer.Option("multiprocessing", "--distributor",
+                                    help="multiprocessing (--workers processes here) or ray (tasks on the Ray "
+                                    "cluster that ray.init() finds; pip install 'dataengine[ray]')."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
-    image_size: int = typer.Option(256, "--image-size", help="Shorter side of stored images (never upscaled)."),
+    image_size: int = typer.Option(256, "--image-size", help="Size of stored images: the shorter side with "
+                                   "keep_ratio, the square's side with center_crop and border."),
     quality: int = typer.Option(90, "--quality", help="JPEG quality of stored images."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: all cores)."),
     keep_duplicates: bool = typer.Option(False, "--keep-duplicates", help="Keep exact duplicate images."),
@@ -68,7 +103,10 @@ def ingest(
             return
         nodes, rank = _node_split(num_nodes, node_rank)
         config = IngestConfig(
-            out=out, yfcc=yfcc, images=images, download=download, shard_size=shard_size, image_size=image_size,
+            out=out, yfcc=yfcc, images=images, download=download, url_list=url_list, input_format=input_format,
+            url_col=url_col, caption_col=caption_col, save_additional_columns=_columns(save_additional_columns),
+            resize_mode=resize_mode, resize_only_if_bigger=resize_only_if_bigger, min_image_size=min_image_size,
+            max_aspect_ratio=max_aspect_ratio, distributor=distributor, shard_size=shard_size, image_size=image_size,
             quality=quality, workers=(os.cpu_count() or 1) if workers is None else workers,
             keep_duplicates=keep_duplicates, shuffle=shuffle, seed=seed, num_nodes=nodes, node_rank=rank,
             download_threads=download_threads,

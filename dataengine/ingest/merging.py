@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import os
 from typing import Any
@@ -40,7 +41,8 @@ def merge(out_url: str, storage_options: dict[str, Any] | None = None) -> dict[s
         logger.info("merge waits for node(s) %s", missing)
         return None
     config = IngestConfig(out=out_url, yfcc=recorded["yfcc"], images=recorded["images"],
-                          download=recorded["download"], num_nodes=num_nodes, workers=0)
+                          download=recorded["download"], url_list=recorded.get("url_list"), num_nodes=num_nodes,
+                          workers=0)
     all_stats = _all_node_stats(out, config)
     shards = [s for s in all_stats if s["name"]]
     counts = collections.Counter()
@@ -48,7 +50,7 @@ def merge(out_url: str, storage_options: dict[str, Any] | None = None) -> dict[s
         counts.update(stats["counts"])
     if not counts.get("ok"):
         raise InputUnusableError(f"no usable image among {sum(counts.values())} input rows: {dict(counts)}")
-    cross_dups = _write_metadata(out, shards, num_nodes)
+    cross_dups = _write_metadata(out, shards, num_nodes, bool(recorded.get("url_list")))
     _write_ledger(out, all_stats)
     manifest = build_manifest(recorded, shards, {status: counts.get(status, 0) for status in STATUSES},
                               cross_dups)
@@ -56,17 +58,24 @@ def merge(out_url: str, storage_options: dict[str, Any] | None = None) -> dict[s
     return manifest
 
 
-def _write_metadata(out: Location, shards: list[dict[str, Any]], num_nodes: int) -> int:
+def _write_metadata(out: Location, shards: list[dict[str, Any]], num_nodes: int, extra_columns: bool) -> int:
     """Concatenate the per-shard metadata parts into ``metadata.parquet``; returns cross-node duplicates."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from dataengine.foreign_shards import conform, unified_schema
+
     local = os.path.join(out.scratch_dir(), "metadata.parquet.partial")
     seen: dict[str, int] = {}
     cross = 0
-    with pq.ParquetWriter(local, meta_schema()) as writer:
+    schema = meta_schema()
+    if extra_columns:  # a URL list's: the ingest columns, then the extra columns of every part
+        schema = unified_schema([pq.ParquetFile(io.BytesIO(out.read_bytes(f"meta/{s['part']}.parquet"))).schema_arrow
+                                 for s in shards])
+    with pq.ParquetWriter(local, schema) as writer:
         for index, stats in enumerate(shards):
             table = read_part(out, stats["part"])
+            table = conform(table, schema) if extra_columns else table
             table = table.set_column(table.schema.get_field_index("shard"), "shard",
                                      pa.array([index] * table.num_rows, pa.int32()))
             writer.write_table(table)

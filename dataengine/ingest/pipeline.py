@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dataengine.download import Downloader
-from dataengine.images import ImageRejected, normalize_image, preload_plugins, reuse_image_buffers
+from dataengine.images import ImageFiltered, ImageRejected, normalize_image, preload_plugins, reuse_image_buffers
 from dataengine.ingest.config import IngestConfig
 from dataengine.shards import sample_members
 from dataengine.sources import MAX_FILE_BYTES, Fetcher, Row
@@ -46,6 +46,7 @@ class Sample:
 
 _worker_fetcher: Fetcher | None = None
 _worker_config: IngestConfig | None = None
+_worker_resize: Any = None
 _worker_arena: Any = None  # shared memory (fork only): one slot per in-flight block for its members
 _worker_slot_size = 0
 
@@ -53,13 +54,13 @@ _SAMPLE_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False)  # == json.d
 
 
 def _init_worker(config: IngestConfig, arena: Any = None, slot_size: int = 0) -> None:
-    global _worker_fetcher, _worker_config, _worker_arena, _worker_slot_size
+    global _worker_fetcher, _worker_config, _worker_resize, _worker_arena, _worker_slot_size
     downloader = None
-    if config.download:
+    if config.fetches_urls:
         downloader = Downloader(config.download_threads, config.download_timeout, config.download_retries,
                                 max_bytes=MAX_FILE_BYTES)
-    _worker_fetcher = Fetcher(config.images, config.download, config.storage_options, downloader)
-    _worker_config = config
+    _worker_fetcher = Fetcher(config.images, config.fetches_urls, config.storage_options, downloader)
+    _worker_config, _worker_resize = config, config.resize
     _worker_arena, _worker_slot_size = arena, slot_size
 
 
@@ -70,8 +71,9 @@ def _init_pool_worker(config: IngestConfig, arena: Any, slot_size: int) -> None:
     reuse_image_buffers()
 
 
-def _process_block(rows: list[Row], slot: int = -1) -> list[tuple]:
-    """Fetch and normalise a block of rows (runs in a worker process); returns :class:`Sample` fields.
+def process_block(rows: list[Row], slot: int = -1) -> list[tuple]:
+    """Fetch and normalise a block of rows (runs in a worker process, or a Ray task); returns :class:`Sample`
+    fields.
 
     The tar members of each ok sample are built here, so that the single writer only concatenates them.
     With a shared ``slot`` they are written into the arena and returned as ``(position, length)``;
@@ -88,12 +90,16 @@ def _process_block(rows: list[Row], slot: int = -1) -> list[tuple]:
             continue
         sha256 = hashlib.sha256(fetched.data).hexdigest()
         try:
-            image = normalize_image(fetched.data, config.image_size, config.quality, config.max_pixels)
+            image = normalize_image(fetched.data, config.image_size, config.quality, config.max_pixels,
+                                    _worker_resize)
         except ImageRejected as exc:
-            samples.append((row.index, fetched.key, "corrupt", str(exc)))
+            samples.append((row.index, fetched.key, "filtered" if isinstance(exc, ImageFiltered) else "corrupt",
+                            str(exc)))
             continue
         metadata = fetched.metadata
         stored = dict(width=image.width, height=image.height, sha256=sha256, key=fetched.key)
+        if row.url_row is not None:  # img2dataset's fields
+            stored.update(original_width=image.original_width, original_height=image.original_height)
         for name, value in stored.items():  # a webdataset sidecar's own different value is kept beside ours
             if metadata.get(name) not in (None, value):
                 metadata[f"sidecar_{name}"] = metadata[name]
@@ -110,8 +116,15 @@ def _process_block(rows: list[Row], slot: int = -1) -> list[tuple]:
     return samples
 
 
+def init_for(config: IngestConfig) -> None:
+    """Set this process up as a worker of ``config`` unless it already is (a Ray worker's first block)."""
+    if _worker_config != config:
+        _init_worker(config)
+        reuse_image_buffers()
+
+
 def _process_task(task: tuple[list[Row], int]) -> list[tuple]:
-    return _process_block(*task)
+    return process_block(*task)
 
 
 def ordered_results(config: IngestConfig, blocks: Iterable[list[Row]]) -> Iterator[list[Sample]]:
@@ -123,10 +136,16 @@ def ordered_results(config: IngestConfig, blocks: Iterable[list[Row]]) -> Iterat
     arena. Members handed out as views are valid until the next block is asked for; they are released then,
     so that a view kept too long fails loudly rather than reading a reused slot.
     """
+    if config.distributor == "ray":
+        from dataengine.ingest.distributed import ray_results
+
+        for result in ray_results(config, blocks):
+            yield [Sample(*fields) for fields in result]
+        return
     if config.workers == 0:
         _init_worker(config)
         for block in blocks:
-            yield [Sample(*fields) for fields in _process_block(block)]
+            yield [Sample(*fields) for fields in process_block(block)]
         return
     # fork starts workers instantly with everything imported; but fork cannot safely copy a process that
     # runs other threads (s3fs's event loop once object storage was touched): then spawn.

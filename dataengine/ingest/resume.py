@@ -66,8 +66,8 @@ def read_part(out: Location, part: str, columns: list[str] | None = None) -> "pa
 
     table = pq.ParquetFile(io.BytesIO(out.read_bytes(f"meta/{part}.parquet"))).read(columns=columns)
     schema = meta_schema()
-    if columns is None and not table.schema.equals(schema):
-        table = table.cast(schema)
+    if columns is None and not table.schema.equals(schema) and table.schema.names == schema.names:
+        table = table.cast(schema)  # an empty part's nulls typed; a URL list's extra columns are kept
     return table
 
 

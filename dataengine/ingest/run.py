@@ -42,7 +42,8 @@ def run_ingest(config: IngestConfig, progress: Callable[[int], None] | None = No
         manifest = out.read_json("manifest.json")
         logger.info("%s is already complete (%d shards); nothing to do", out.url, manifest["num_shards"])
         return _result(out, manifest, time.perf_counter() - start, manifest["num_shards"])
-    check_inputs(config.yfcc, config.images, config.download, config.storage_options)  # before writing anything
+    # before writing anything
+    check_inputs(config.yfcc, config.images, config.download, config.storage_options, config.url_list_spec)
     if found != "partial":
         start_output(out, config, replace=found == "replace")
     state = resume_state(out, config)
@@ -51,8 +52,8 @@ def run_ingest(config: IngestConfig, progress: Callable[[int], None] | None = No
     writer = ShardWriter(out, config, state)
     spool = os.path.join(out.scratch_dir(), f"ingest-spool-{config.node_rank:03d}")
     try:
-        ordered = ingest_order(iter_rows(config.yfcc, config.images, config.storage_options), config.shuffled,
-                               config.seed, spool)
+        ordered = ingest_order(iter_rows(config.yfcc, config.images, config.storage_options, config.url_list_spec),
+                               config.shuffled, config.seed, spool)
         rows = (r for r in ordered if r.index >= state.input_end and config.owns(r.index))
         for samples in ordered_results(config, blocks_of(rows, config.block_rows)):
             for sample in samples:
@@ -75,7 +76,7 @@ def run_ingest(config: IngestConfig, progress: Callable[[int], None] | None = No
 def _finish_node(out: Location, config: IngestConfig, writer: ShardWriter) -> None:
     counts = dict(writer.done_counts)
     if config.num_nodes == 1 and not sum(counts.values()):
-        raise InputUnusableError(f"no input rows found in {config.yfcc or config.images}")
+        raise InputUnusableError(f"no input rows found in {config.source}")
     out.write_json(f"nodes/node-{config.node_rank:03d}.json",
                    {"rank": config.node_rank, "num_shards": writer.num_shards, "counts": counts})
 

@@ -36,6 +36,7 @@ class ShardWriter:
         self.done_counts = collections.Counter(state.counts)
         self.num_shards = state.num_shards
         self.num_samples = state.num_samples
+        self._extra_columns = bool(config.url_list)  # a URL list's caption and additional columns
         self._reset()
 
     def _reset(self) -> None:
@@ -97,7 +98,7 @@ class ShardWriter:
             size, digest = self._tar.close()
             stats.update(name=self._shard, bytes=size, sha256=digest)
             self.out.publish(self._tar.path, stats["name"])
-            self.out.write_bytes(f"meta/{self.name}.parquet", rows_to_parquet_bytes(self._meta))
+            self.out.write_bytes(f"meta/{self.name}.parquet", rows_to_parquet_bytes(self._meta, self._extra_columns))
             self.num_shards += 1
         ledger = "".join(_LEDGER_JSON.encode(entry) + "\n" for entry in self._ledger)
         self.out.write_bytes(f"ledger/{self.name}.jsonl", ledger.encode())

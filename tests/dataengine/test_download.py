@@ -4,149 +4,23 @@ http(s), concurrency keeping order; and download-mode ingest recording these as 
 
 from __future__ import annotations
 
-import http.server
-import io
 import json
 import socket
-import threading
 import time
 import urllib.parse
 
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from dataengine.download import Downloader
 from dataengine.ingest import IngestConfig, run_ingest
 from dataengine.yfcc import FIELDS_25
-
-BODY = bytes(range(256)) * 4
-
-
-def _jpeg(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 16), (seed * 40 % 256, 60, 90)).save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 def yfcc_line(photo_id: int, download_url: str) -> str:
     values = dict.fromkeys(FIELDS_25, "")
     values.update(photo_id=str(photo_id), marker="0", download_url=download_url)
     return "\t".join(values[name] for name in FIELDS_25)
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    attempts: dict[str, int] = {}
-    sent: dict[str, int] = {}  # body bytes written before the client went away
-    images: dict[str, bytes] = {}
-
-    def do_GET(self):  # noqa: N802 (http.server API)
-        path = self.path
-        self.attempts[path] = self.attempts.get(path, 0) + 1
-        kind = path.split("?")[0].strip("/").split("/")[0]
-        getattr(self, f"_{kind.replace('-', '_')}", self._missing)(path)
-
-    def _send(self, status: int, body: bytes, length: int | None = None, **headers: str) -> None:
-        self.send_response(status)
-        if length is not None or body:
-            self.send_header("Content-Length", str(len(body) if length is None else length))
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _ok(self, path):
-        self._send(200, self.images.get(path.rsplit("/", 1)[-1], BODY))
-
-    def _drip(self, path, data: bytes, pause: float) -> None:
-        """Write ``data`` a byte at a time, counting what was sent before the client went away."""
-        self.sent[path] = 0
-        try:
-            for byte in data:
-                self.wfile.write(bytes([byte]))
-                self.wfile.flush()
-                self.sent[path] += 1
-                time.sleep(pause)
-        except OSError:
-            pass
-        self.close_connection = True
-
-    def _trickle(self, path, with_length=True):  # 40 bytes at 4 bytes a second: 10 s for the whole body
-        self.send_response(200)
-        self.send_header(*(("Content-Length", "40") if with_length else ("Connection", "close")))
-        self.end_headers()
-        self._drip(path, b"x" * 40, 0.25)
-
-    def _trickle_nolength(self, path):
-        self._trickle(path, with_length=False)
-
-    def _trickle_headers(self, path):
-        self._drip(path, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Slow: " + b"y" * 60, 0.1)
-
-    def _short(self, path):
-        self._send(200, BODY[:500], length=1000)
-        self.close_connection = True
-
-    def _chunked_cut(self, path):
-        self.send_response(200)
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self.wfile.write(b"400\r\n" + BODY[:100])
-        self.close_connection = True
-
-    def _flaky(self, path):
-        if self.attempts[path] == 1:
-            self._send(503, b"busy")
-        else:
-            self._ok(path)
-
-    def _status(self, path):
-        self._send(int(path.rsplit("/", 1)[-1]), b"status")
-
-    def _big(self, path):
-        self._send(200, b"", length=1 << 40)
-        self.close_connection = True
-
-    def _big_nolength(self, path):
-        self.send_response(200)
-        self.send_header("Connection", "close")
-        self.end_headers()
-        try:
-            for _ in range(64):
-                self.wfile.write(BODY * 16)
-        except OSError:
-            pass
-        self.close_connection = True
-
-    def _redirect(self, path):  # /redirect/?to=TARGET
-        self._send(302, b"", length=0, Location=urllib.parse.unquote(path.split("?to=", 1)[1]))
-
-    def _loop(self, path):
-        self._send(302, b"", length=0, Location=path)
-
-    def _missing(self, path):
-        self._send(404, b"no such thing")
-
-    def log_message(self, *args):
-        pass
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def handle_error(self, request, client_address):
-        pass  # clients that give up on purpose
-
-
-@pytest.fixture()
-def server():
-    _Handler.attempts, _Handler.sent = {}, {}
-    httpd = _Server(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
 
 
 def _downloader(**options) -> Downloader:
@@ -156,7 +30,7 @@ def _downloader(**options) -> Downloader:
 
 
 def test_a_plain_download(server):
-    assert _downloader().fetch(f"{server}/ok/a").data == BODY
+    assert _downloader().fetch(f"{server}/ok/a").data == server.body
 
 
 @pytest.mark.timeout(60)
@@ -166,32 +40,32 @@ def test_a_trickling_server_is_cut_off_at_the_deadline(server, kind):
     result = _downloader(retries=0).fetch(f"{server}/{kind}/x")
     assert result.data is None and "DeadlineExceeded: no complete response within 1 s" in result.error, result
     time.sleep(0.6)  # let the server notice the closed connection
-    assert _Handler.sent[f"/{kind}/x"] < 20, _Handler.sent  # it was cut off well before its 10 s
+    assert server.handler.sent[f"/{kind}/x"] < 20, server.handler.sent  # it was cut off well before its 10 s
 
 
 def test_a_short_body_is_retried_then_fails_instead_of_passing_as_data(server):
     result = _downloader(retries=2).fetch(f"{server}/short/x")
     assert result.data is None and "ShortBody: connection closed after 500 of 1000 bytes" in result.error
-    assert _Handler.attempts["/short/x"] == 3 and "after 3 attempt(s)" in result.error
+    assert server.handler.attempts["/short/x"] == 3 and "after 3 attempt(s)" in result.error
 
 
 def test_a_cut_chunked_body_is_retried(server):
     result = _downloader(retries=1).fetch(f"{server}/chunked-cut/x")
-    assert result.data is None and _Handler.attempts["/chunked-cut/x"] == 2
+    assert result.data is None and server.handler.attempts["/chunked-cut/x"] == 2
 
 
 @pytest.mark.parametrize("status, attempts", [(500, 3), (503, 3), (429, 3), (408, 3), (404, 1), (403, 1), (410, 1)])
 def test_server_errors_are_retried_and_client_errors_are_not(server, status, attempts):
     result = _downloader(retries=2).fetch(f"{server}/status/{status}")
     assert result.data is None and f"HTTP Error {status}" in result.error
-    assert _Handler.attempts[f"/status/{status}"] == attempts
+    assert server.handler.attempts[f"/status/{status}"] == attempts
 
 
 def test_a_flaky_server_succeeds_on_retry_after_backoff(server):
     downloader = _downloader(retries=2, backoff=0.2)
     start = time.monotonic()
-    assert downloader.fetch(f"{server}/flaky/a").data == BODY
-    assert _Handler.attempts["/flaky/a"] == 2 and time.monotonic() - start >= 0.2  # it waited before retrying
+    assert downloader.fetch(f"{server}/flaky/a").data == server.body
+    assert server.handler.attempts["/flaky/a"] == 2 and time.monotonic() - start >= 0.2  # it waited before retrying
 
 
 def test_a_refused_connection_is_retried(server):
@@ -205,21 +79,21 @@ def test_a_refused_connection_is_retried(server):
 def test_bodies_over_the_limit_are_refused_and_not_retried(server):
     downloader = _downloader(max_bytes=4096)
     declared = downloader.fetch(f"{server}/big/x")  # Content-Length of 1 TiB: refused before reading
-    assert "BodyTooLarge: body of 1099511627776 bytes" in declared.error and _Handler.attempts["/big/x"] == 1
+    assert "BodyTooLarge: body of 1099511627776 bytes" in declared.error and server.handler.attempts["/big/x"] == 1
     streamed = downloader.fetch(f"{server}/big-nolength/x")
-    assert "BodyTooLarge" in streamed.error and _Handler.attempts["/big-nolength/x"] == 1
+    assert "BodyTooLarge" in streamed.error and server.handler.attempts["/big-nolength/x"] == 1
 
 
 def test_redirects_are_followed_only_to_http(server):
     downloader = _downloader()
-    assert downloader.fetch(f"{server}/redirect/?to=/ok/a").data == BODY
+    assert downloader.fetch(f"{server}/redirect/?to=/ok/a").data == server.body
     for target in ("file:///etc/passwd", "ftp://127.0.0.1/x", "data:,hello"):
         result = downloader.fetch(f"{server}/redirect/?to={urllib.parse.quote(target)}")
         assert result.data is None and ("redirect to a non-HTTP URL" in result.error  # ftp: urllib would follow
                                         or "is not allowed" in result.error), result
-        assert _Handler.attempts[f"/redirect/?to={urllib.parse.quote(target)}"] == 1
+        assert server.handler.attempts[f"/redirect/?to={urllib.parse.quote(target)}"] == 1
     looped = downloader.fetch(f"{server}/loop/x")
-    assert looped.data is None and _Handler.attempts["/loop/x"] <= 10
+    assert looped.data is None and server.handler.attempts["/loop/x"] <= 10
 
 
 def test_urls_that_are_not_http_are_not_fetched():
@@ -239,7 +113,7 @@ def test_fetch_all_keeps_the_order_of_the_urls(server):
 def test_download_mode_records_each_failure_as_download_failed(tmp_path, server):
     """404, a trickle, a short body: download_failed (a short body used to pass as data and end corrupt); a
     503 once is retried to ok; the sample's source is its URL."""
-    _Handler.images = {f"{i}.jpg": _jpeg(i) for i in range(8)}
+    server.handler.images = {f"{i}.jpg": server.jpeg(i) for i in range(8)}
     urls = [f"{server}/ok/{i}.jpg" for i in range(4)] + [f"{server}/flaky/4.jpg", f"{server}/trickle/5.jpg",
                                                         f"{server}/short/6.jpg", f"{server}/status/404"]
     (tmp_path / "meta.tsv").write_text("\n".join(yfcc_line(i, url) for i, url in enumerate(urls)))
@@ -248,7 +122,7 @@ def test_download_mode_records_each_failure_as_download_failed(tmp_path, server)
     assert result.counts["ok"] == 5 and result.counts["download_failed"] == 3 and result.counts["corrupt"] == 0
     ledger = {e["id"]: e["error"] for e in map(json.loads, (tmp_path / "out" / "ledger.jsonl").read_text().splitlines())}
     assert "DeadlineExceeded" in ledger["5"] and "ShortBody" in ledger["6"] and "HTTP Error 404" in ledger["7"]
-    assert _Handler.attempts["/flaky/4.jpg"] == 2
+    assert server.handler.attempts["/flaky/4.jpg"] == 2
     metadata = pq.read_table(tmp_path / "out" / "metadata.parquet").to_pylist()
     assert {row["key"]: row["source"] for row in metadata}["4"] == urls[4]
 

@@ -199,7 +199,7 @@ def test_yfcc_metadata_with_images_root(tmp_path):
     result = run_ingest(IngestConfig(yfcc=str(tmp_path / "meta.tsv"), images=str(tmp_path / "img"),
                                      out=str(tmp_path / "out"), shard_size=5, workers=1))
     assert result.counts == {"ok": 11, "missing": 1, "corrupt": 0, "duplicate": 0, "video": 1,
-                             "bad_metadata": 2, "download_failed": 0}
+                             "bad_metadata": 2, "download_failed": 0, "filtered": 0}
     samples = read_back(str(tmp_path / "out"))
     assert [s[0] for s in samples] == [str(1000 + i) for i in range(12) if i != 3]
     meta = samples[0][2]
@@ -411,7 +411,7 @@ from dataengine.ingest import pipeline
 from dataengine.workers import WorkerDiedError
 
 root = sys.argv[1]
-original = pipeline._process_block
+original = pipeline.process_block
 
 def dying(rows, slot=-1):  # the worker that gets row 20 is killed, once (an out-of-memory kill, say)
     if any(row.index == 20 for row in rows) and not os.path.exists(f"{root}/died"):
@@ -423,7 +423,7 @@ def config(out):
     return ingest.IngestConfig(images=f"{root}/imgs", out=f"{root}/{out}", workers=2, shard_size=7, block_rows=2)
 
 ingest.run_ingest(config("ref"))
-pipeline._process_block = dying
+pipeline.process_block = dying
 try:
     ingest.run_ingest(config("out"))
 except WorkerDiedError as exc:
