@@ -256,7 +256,7 @@ def _metadata_rows(source: ShardSet, rows: np.ndarray) -> list[dict[str, Any]]:
     if table.num_rows != source.num_samples:
         raise InputUnusableError(f"{source.metadata_url} has {table.num_rows} rows but the manifest lists "
                                  f"{source.num_samples} samples")
-    table = table.take(pa.array(rows))
+    table = table.take(pa.array(rows)).select(meta_schema().names)  # without a URL list's or sidecars' extras
     if not table.schema.equals(meta_schema()):
         table = table.cast(meta_schema())
     return table.to_pylist()

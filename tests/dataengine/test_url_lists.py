@@ -87,6 +87,22 @@ def test_each_format_is_read_with_its_columns(tmp_path, server, fmt):
         assert row["score"] == (str(i / 2) if fmt in ("csv", "tsv") else i / 2)
 
 
+def test_the_output_opens_as_shards_for_the_later_stages(tmp_path, server):
+    """embed/train read it as any ingest output; curate copies its rows' ingest columns (the extra columns
+    once made its cast of the metadata fail)."""
+    import numpy as np
+
+    from dataengine.curate.write import _metadata_rows
+    from dataengine.shards import load_shard_set
+
+    _ingest(tmp_path, _write(tmp_path / "u.csv", _records(server), "csv"), caption_col="text",
+            save_additional_columns=("score",))
+    shards = load_shard_set(str(tmp_path / "out"))
+    assert shards.num_samples == 5
+    rows = _metadata_rows(shards, np.array([4, 0]))
+    assert [row["key"] for row in rows] == ["000000004", "000000000"] and rows[0]["license"] is None
+
+
 @pytest.mark.parametrize("mode, size, expected", [
     ("keep_ratio", (60, 40), (48, 32)), ("center_crop", (60, 40), (32, 32)), ("border", (60, 40), (32, 32)),
     ("no", (60, 40), (60, 40)), ("keep_ratio", (30, 20), (30, 20)), ("border", (30, 20), (30, 20))])
