@@ -74,12 +74,12 @@ def ingest_dry_run(config: Any, calibration: str | None = None) -> DryRun:
     out = Location(config.out, config.storage_options)
     found = check_output(out, config)
     if found != "complete":
-        check_inputs(config.yfcc, config.images, config.download, config.storage_options)
-    rows = count_input_rows(config.yfcc, config.images, config.storage_options)
+        check_inputs(config.yfcc, config.images, config.download, config.storage_options, config.url_list_spec)
+    rows = count_input_rows(config.yfcc, config.images, config.storage_options, config.url_list_spec)
     todo = pending_rows(config, rows)
     todo_rows = None if todo is None else todo[0]
     notes = [] if rows is not None else ["the input's rows are unknown without reading it all (compressed or "
-                                         "remote): no plan"]
+                                         "remote, or a csv, tsv or json URL list): no plan"]
     plan = None
     if todo_rows:
         rates = load_calibration(calibration)["stages"]["ingest"]

@@ -123,7 +123,8 @@ def ingest(
             bar: list = []
             # The bar's total: rows this run still has to process, counted from the input's listing (None when
             # that would read the whole input: compressed or remote metadata and tars).
-            pending = (pending_rows(config, count_input_rows(config.yfcc, config.images, config.storage_options))
+            pending = (pending_rows(config, count_input_rows(config.yfcc, config.images, config.storage_options,
+                                                             config.url_list_spec))
                        if console.is_terminal else None)
 
             def progress(rows: int) -> None:

@@ -15,12 +15,18 @@ from dataengine.fs import Location, compression_of, is_remote, url_to_fs
 from dataengine.ingest.config import IngestConfig
 from dataengine.ingest.resume import check_output, done_stats
 from dataengine.sources import is_image_name
+from dataengine.url_lists import UrlList
 
 
-def count_input_rows(yfcc: str | None, images: str | None, storage_options: dict[str, Any] | None = None) -> int | None:
-    """The input rows of an ingest of ``yfcc`` metadata (else of the ``images`` folder or tar), or ``None``
-    when counting them would read the whole input (compressed or remote metadata and tars)."""
+def count_input_rows(yfcc: str | None, images: str | None, storage_options: dict[str, Any] | None = None,
+                     url_list: UrlList | None = None) -> int | None:
+    """The input rows of an ingest of ``yfcc`` metadata (else of the ``images`` folder or tar, or the
+    ``url_list``), or ``None`` when counting them would read the whole input (compressed or remote metadata,
+    tars and URL lists; csv, tsv and json URL lists, whose rows are not lines; a parquet list's count is in its
+    footer)."""
     storage_options = storage_options or {}
+    if url_list is not None:
+        return _count_url_list(url_list, storage_options)
     if yfcc:
         if is_remote(yfcc) or compression_of(yfcc) or not os.path.isfile(_local(yfcc)):
             return None
@@ -34,6 +40,22 @@ def count_input_rows(yfcc: str | None, images: str | None, storage_options: dict
     if not fs.isdir(root):
         return None
     return sum(1 for path in fs.find(root) if is_image_name(path))
+
+
+def _count_url_list(url_list: UrlList, storage_options: dict[str, Any]) -> int | None:
+    if url_list.format == "parquet":
+        import pyarrow.parquet as pq
+
+        from dataengine.fs import open_input
+
+        with open_input(url_list.url, storage_options) as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    url = url_list.url
+    if url_list.format not in ("txt", "jsonl") or is_remote(url) or compression_of(url) or not os.path.isfile(
+            _local(url)):
+        return None
+    with open(_local(url), "rb") as handle:
+        return sum(1 for line in handle if line.strip())  # blank lines are not rows (url_lists.iter_url_rows)
 
 
 def _count_tar(url: str) -> int | None:

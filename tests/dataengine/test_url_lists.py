@@ -192,3 +192,21 @@ def test_resume_after_kill_gives_the_same_shards(tmp_path, server):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     manifest = json.loads((tmp_path / "whole" / "manifest.json").read_text())
     assert manifest["counts"]["ok"] == 4 and manifest["counts"]["download_failed"] == 1
+
+
+def test_rows_are_counted_for_progress_and_dry_run_checks_the_list(tmp_path, server):
+    """A URL list's rows are counted where that reads no more than the listing (txt, jsonl lines; a parquet
+    footer); --dry-run checks the list as the run does (it once checked nothing for a URL list)."""
+    from dataengine.dryrun import ingest_dry_run
+    from dataengine.ingest.inputs import count_input_rows
+
+    records = _records(server)
+    for fmt, expected in (("txt", 5), ("jsonl", 5), ("parquet", 5), ("csv", None), ("json", None)):
+        config = IngestConfig(url_list=_write(tmp_path / f"u.{fmt}", records, fmt), out=str(tmp_path / "o"))
+        assert count_input_rows(None, None, {}, config.url_list_spec) == expected, fmt
+    planned = ingest_dry_run(IngestConfig(url_list=str(tmp_path / "u.parquet"), out=str(tmp_path / "o")))
+    assert planned.rows == planned.todo_rows == 5 and not (tmp_path / "o").exists()
+    with pytest.raises(InputUnusableError, match="URL list .* does not exist"):
+        ingest_dry_run(IngestConfig(url_list=str(tmp_path / "missing.txt"), out=str(tmp_path / "o")))
+    with pytest.raises(InputUnusableError, match="has no column 'URL'"):
+        ingest_dry_run(IngestConfig(url_list=str(tmp_path / "u.parquet"), url_col="URL", out=str(tmp_path / "o")))
