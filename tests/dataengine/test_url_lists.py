@@ -210,3 +210,11 @@ def test_rows_are_counted_for_progress_and_dry_run_checks_the_list(tmp_path, ser
         ingest_dry_run(IngestConfig(url_list=str(tmp_path / "missing.txt"), out=str(tmp_path / "o")))
     with pytest.raises(InputUnusableError, match="has no column 'URL'"):
         ingest_dry_run(IngestConfig(url_list=str(tmp_path / "u.parquet"), url_col="URL", out=str(tmp_path / "o")))
+
+
+def test_the_ray_distributor_without_ray_is_one_error(tmp_path, server, monkeypatch):
+    from dataengine.errors import DataEngineError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(DataEngineError, match=r"--distributor ray needs Ray: pip install 'dataengine\[ray\]'"):
+        _ingest(tmp_path, _write(tmp_path / "u.txt", _records(server), "txt"), distributor="ray")
