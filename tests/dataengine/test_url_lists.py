@@ -218,3 +218,22 @@ def test_the_ray_distributor_without_ray_is_one_error(tmp_path, server, monkeypa
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(DataEngineError, match=r"--distributor ray needs Ray: pip install 'dataengine\[ray\]'"):
         _ingest(tmp_path, _write(tmp_path / "u.txt", _records(server), "txt"), distributor="ray")
+
+
+@pytest.mark.timeout(300)
+def test_a_list_on_s3_gives_the_same_shards_as_a_local_one(tmp_path, server, s3_server, s3_bucket):
+    import gzip
+
+    import s3fs
+
+    records = _records(server)
+    local = _write(tmp_path / "u.csv", records, "csv")
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.pipe(f"{s3_bucket}/lists/u.csv.gz", gzip.compress((tmp_path / "u.csv").read_bytes()))
+    fs.put(_write(tmp_path / "u.parquet", records, "parquet"), f"{s3_bucket}/lists/u.parquet")
+    _ingest(tmp_path, local, "local", caption_col="text")
+    for name in ("u.csv.gz", "u.parquet"):
+        result = _ingest(tmp_path, f"{s3_bucket}/lists/{name}", f"s3-{name}", caption_col="text",
+                         storage_options=s3_server)
+        assert result.counts["ok"] == 5
+        assert _samples(tmp_path / f"s3-{name}") == _samples(tmp_path / "local"), name
