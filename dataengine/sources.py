@@ -278,9 +278,13 @@ class Fetcher:
             else:
                 self._local_root = os.path.realpath(_local_path(images_url))
 
+    def parse_block(self, rows: list[Row]) -> list[Fetched]:
+        """A block of rows parsed and validated, without fetching any bytes."""
+        return [self._parse(row) for row in rows]
+
     def fetch_block(self, rows: list[Row]) -> list[Fetched]:
         """Fetch a block of rows (downloads run concurrently within the block)."""
-        parsed = [self._parse(row) for row in rows]
+        parsed = self.parse_block(rows)
         if self.download:
             wanted = [p for p in parsed if p.status == "ok"]
             urls = [p.metadata.get("download_url") for p in wanted]

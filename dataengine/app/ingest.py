@@ -43,6 +43,8 @@ def ingest(
     yfcc: Optional[str] = typer.Option(None, "--yfcc", help="YFCC100M metadata file (.gz/.bz2 ok, local or URL)."),
     images: Optional[str] = typer.Option(None, "--images", help="Images root for --yfcc, or an image folder/tar."),
     download: bool = typer.Option(False, "--download", help="Fetch photos from their download URLs (HTTP)."),
+    metadata_only: bool = typer.Option(False, "--metadata-only",
+                                       help="Only parse and validate --yfcc: ledger and metadata.parquet, no images."),
     url_list: Optional[str] = typer.Option(None, "--url-list", help="URL list to download, as img2dataset's: "
                                            "txt, csv, tsv, json, jsonl or parquet (.gz/.bz2 ok, local or URL)."),
     input_format: Optional[str] = typer.Option(None, "--input-format", help="Format of --url-list (default: "
@@ -103,7 +105,7 @@ def ingest(
             return
         nodes, rank = _node_split(num_nodes, node_rank)
         config = IngestConfig(
-            out=out, yfcc=yfcc, images=images, download=download, url_list=url_list, input_format=input_format,
+            out=out, yfcc=yfcc, images=images, download=download, metadata_only=metadata_only, url_list=url_list, input_format=input_format,
             url_col=url_col, caption_col=caption_col, save_additional_columns=_columns(save_additional_columns),
             resize_mode=resize_mode, resize_only_if_bigger=resize_only_if_bigger, min_image_size=min_image_size,
             max_aspect_ratio=max_aspect_ratio, distributor=distributor, shard_size=shard_size, image_size=image_size,

@@ -19,7 +19,8 @@ Design (README, section "Ingest", and its output layout):
 Modules: :mod:`~dataengine.ingest.config` (the run's config, result and statuses),
 :mod:`~dataengine.ingest.pipeline` (worker processes: rows -> samples in input order),
 :mod:`~dataengine.ingest.writer` (samples -> published shards), :mod:`~dataengine.ingest.resume` (the
-recorded config and the done prefix), :mod:`~dataengine.ingest.merging` (the nodes' parts -> manifest) and
+recorded config and the done prefix), :mod:`~dataengine.ingest.seen` (the photo ids stored so far, ~9 bytes
+each), :mod:`~dataengine.ingest.merging` (the nodes' parts -> manifest) and
 :mod:`~dataengine.ingest.run` (the stage). The shard layout itself belongs to :mod:`dataengine.shards`.
 """
 

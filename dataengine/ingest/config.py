@@ -17,7 +17,7 @@ _OUTPUT_FIELDS = ("yfcc", "images", "download", "shard_size", "image_size", "qua
 # Fields added later: recorded only when they differ from their default, so that an output made before they
 # existed (or without them) keeps its recorded configuration and resumes.
 _LATER_OUTPUT_FIELDS = ("url_list", "input_format", "url_col", "caption_col", "save_additional_columns",
-                        "resize_mode", "resize_only_if_bigger", "min_image_size", "max_aspect_ratio")
+                        "resize_mode", "resize_only_if_bigger", "min_image_size", "max_aspect_ratio", "metadata_only")
 DISTRIBUTORS = ("multiprocessing", "ray")
 UNSHUFFLED = {"shuffle": False, "seed": 0}
 """The order fields of an ingest recorded before they existed: input order."""
@@ -35,6 +35,10 @@ class IngestConfig:
     """Images root for YFCC metadata, or an image folder / tar (class sub-folders become labels)."""
     download: bool = False
     """Fetch each photo from its download URL instead of reading ``images``."""
+    metadata_only: bool = False
+    """Only parse and validate the YFCC metadata: every valid photo line becomes a row of
+    ``metadata.parquet`` (``shard``, ``position`` and ``offset`` -1) with status ``ok``, and the ledger
+    is written; no image is read and no shard made. Measures and prepares the metadata path alone."""
     url_list: str | None = None
     """A URL list (txt, csv, tsv, json, jsonl, parquet; local or URL) whose URLs are fetched over HTTP."""
     input_format: str | None = None
@@ -101,7 +105,10 @@ class IngestConfig:
         if not self.yfcc and not self.images and not self.url_list:
             raise ValueError("nothing to ingest: give yfcc=META (with images=ROOT or download=True), "
                              "images=FOLDER or url_list=FILE")
-        if self.yfcc and not self.download and not self.images:
+        if self.metadata_only:
+            if not self.yfcc or self.images or self.download:
+                raise ValueError("metadata_only needs yfcc metadata and neither images nor download")
+        elif self.yfcc and not self.download and not self.images:
             raise ValueError("yfcc metadata needs images=ROOT or download=True")
         if self.download and not self.yfcc:
             raise ValueError("download=True needs yfcc metadata with download URLs")

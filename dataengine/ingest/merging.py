@@ -9,6 +9,8 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
+
 from dataengine.errors import InputUnusableError
 from dataengine.fs import Location
 from dataengine.ingest.config import STATUSES, IngestConfig
@@ -40,26 +42,31 @@ def merge(out_url: str, storage_options: dict[str, Any] | None = None) -> dict[s
     if missing:
         logger.info("merge waits for node(s) %s", missing)
         return None
+    metadata_only = recorded.get("metadata_only", False)
     config = IngestConfig(out=out_url, yfcc=recorded["yfcc"], images=recorded["images"],
-                          download=recorded["download"], url_list=recorded.get("url_list"), num_nodes=num_nodes,
-                          workers=0)
+                          download=recorded["download"], url_list=recorded.get("url_list"),
+                          metadata_only=metadata_only, num_nodes=num_nodes, workers=0)
     all_stats = _all_node_stats(out, config)
-    shards = [s for s in all_stats if s["name"]]
+    parts = [s for s in all_stats if s["num_samples"]]
     counts = collections.Counter()
     for stats in all_stats:
         counts.update(stats["counts"])
     if not counts.get("ok"):
-        raise InputUnusableError(f"no usable image among {sum(counts.values())} input rows: {dict(counts)}")
-    cross_dups = _write_metadata(out, shards, num_nodes, bool(recorded.get("url_list")))
+        usable = "valid photo line" if metadata_only else "usable image"
+        raise InputUnusableError(f"no {usable} among {sum(counts.values())} input rows: {dict(counts)}")
+    cross_dups = _write_metadata(out, parts, num_nodes, bool(recorded.get("url_list")))
     _write_ledger(out, all_stats)
-    manifest = build_manifest(recorded, shards, {status: counts.get(status, 0) for status in STATUSES},
-                              cross_dups)
+    manifest = build_manifest(recorded, [s for s in parts if s["name"]],
+                              {status: counts.get(status, 0) for status in STATUSES}, cross_dups)
+    if metadata_only:
+        manifest["metadata_rows"] = sum(s["num_samples"] for s in parts)
     out.write_json("manifest.json", manifest)
     return manifest
 
 
-def _write_metadata(out: Location, shards: list[dict[str, Any]], num_nodes: int, extra_columns: bool) -> int:
-    """Concatenate the per-shard metadata parts into ``metadata.parquet``; returns cross-node duplicates."""
+def _write_metadata(out: Location, parts: list[dict[str, Any]], num_nodes: int, extra_columns: bool) -> int:
+    """Concatenate the metadata parts into ``metadata.parquet``, one part in memory at a time; returns the
+    cross-node duplicates. A part's rows get the index of their shard (-1 for metadata-only parts)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -71,15 +78,18 @@ def _write_metadata(out: Location, shards: list[dict[str, Any]], num_nodes: int,
     schema = meta_schema()
     if extra_columns:  # a URL list's: the ingest columns, then the extra columns of every part
         schema = unified_schema([pq.ParquetFile(io.BytesIO(out.read_bytes(f"meta/{s['part']}.parquet"))).schema_arrow
-                                 for s in shards])
+                                 for s in parts])
     with pq.ParquetWriter(local, schema) as writer:
-        for index, stats in enumerate(shards):
+        index = 0
+        for stats in parts:
             table = read_part(out, stats["part"])
             table = conform(table, schema) if extra_columns else table
-            table = table.set_column(table.schema.get_field_index("shard"), "shard",
-                                     pa.array([index] * table.num_rows, pa.int32()))
+            if stats["name"]:
+                table = table.set_column(table.schema.get_field_index("shard"), "shard",
+                                         pa.array(np.full(table.num_rows, index, np.int32)))
+                index += 1
             writer.write_table(table)
-            if num_nodes > 1:
+            if num_nodes > 1 and stats["name"]:
                 for digest in table["sha256"].to_pylist():
                     rank = seen.setdefault(digest, stats["node_rank"])
                     cross += rank != stats["node_rank"]

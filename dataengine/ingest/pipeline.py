@@ -80,6 +80,8 @@ def process_block(rows: list[Row], slot: int = -1) -> list[tuple]:
     members that do not fit (or without an arena) travel as bytes.
     """
     config = _worker_config
+    if config.metadata_only:
+        return _metadata_block(rows)
     arena = _worker_arena if slot >= 0 else None
     position = slot * _worker_slot_size
     end = position + _worker_slot_size
@@ -113,6 +115,18 @@ def process_block(rows: list[Row], slot: int = -1) -> list[tuple]:
             member = (position, size)
             position += size
         samples.append((row.index, fetched.key, "ok", None, metadata, sha256, member, len(jpeg)))
+    return samples
+
+
+def _metadata_block(rows: list[Row]) -> list[tuple]:
+    """Metadata-only mode: rows parsed and validated; an ok sample's metadata is its whole output."""
+    samples = []
+    for row, parsed in zip(rows, _worker_fetcher.parse_block(rows)):
+        if parsed.status == "ok":
+            parsed.metadata["key"] = parsed.key
+            samples.append((row.index, parsed.key, "ok", None, parsed.metadata))
+        else:
+            samples.append((row.index, parsed.key, parsed.status, parsed.error))
     return samples
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from dataengine.errors import OutputExistsError
 from dataengine.fs import Location
 from dataengine.ingest.config import UNSHUFFLED, IngestConfig
+from dataengine.ingest.seen import KeySet
 from dataengine.metadata_table import meta_schema
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ class ResumeState:
     num_samples: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     seen_hashes: dict[bytes, str] = field(default_factory=dict)
-    seen_keys: set[str] = field(default_factory=set)
+    seen_keys: KeySet = field(default_factory=KeySet)
 
 
 def done_stats(out: Location, prefix: str) -> list[dict[str, Any]]:
@@ -48,13 +49,15 @@ def resume_state(out: Location, config: IngestConfig) -> ResumeState:
     for stats in done_stats(out, config.shard_prefix):
         state.next_index, state.input_end = stats["index"] + 1, stats["input_end"]
         counts.update(stats["counts"])
-        if stats["name"]:
-            state.num_shards += 1
-            state.num_samples += stats["num_samples"]
+        state.num_shards += bool(stats["name"])
+        state.num_samples += stats["num_samples"]
+        if stats["num_samples"]:
             table = read_part(out, stats["part"], columns=["key", "sha256"])
-            for key, digest in zip(table["key"].to_pylist(), table["sha256"].to_pylist()):
-                state.seen_hashes.setdefault(bytes.fromhex(digest)[:16], key)
-                state.seen_keys.add(key)
+            keys = table["key"].to_pylist()
+            state.seen_keys.add_many(keys)
+            for key, digest in zip(keys, table["sha256"].to_pylist()):
+                if digest is not None:  # None: a metadata-only row
+                    state.seen_hashes.setdefault(bytes.fromhex(digest)[:16], key)
     state.counts = dict(counts)
     return state
 

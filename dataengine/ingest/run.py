@@ -56,8 +56,7 @@ def run_ingest(config: IngestConfig, progress: Callable[[int], None] | None = No
                                config.shuffled, config.seed, spool)
         rows = (r for r in ordered if r.index >= state.input_end and config.owns(r.index))
         for samples in ordered_results(config, blocks_of(rows, config.block_rows)):
-            for sample in samples:
-                writer.add(sample)
+            writer.add_block(samples)
             if progress:
                 progress(len(samples))
         writer.close_shard()

@@ -36,6 +36,8 @@ class ShardWriter:
         self.done_counts = collections.Counter(state.counts)
         self.num_shards = state.num_shards
         self.num_samples = state.num_samples
+        self._known: set[str] = set()  # of the block being added: its photo ids seen in earlier blocks
+        self._block_keys: set[str] = set()  # and those it stored so far
         self._extra_columns = bool(config.url_list)  # a URL list's caption and additional columns
         self._reset()
 
@@ -51,10 +53,21 @@ class ShardWriter:
     def name(self) -> str:
         return f"{self.config.shard_prefix}-{self.index:06d}"
 
-    def add(self, sample: Sample) -> None:
-        """Record one row; ok samples go into the open shard, which closes once full."""
+    def add_block(self, samples: list[Sample]) -> None:
+        """Record a block of rows, in input order (the photo ids seen before are looked up at once)."""
+        ok = [s.key for s in samples if s.status == "ok"]
+        known = self.seen_keys.contains_many(ok) if ok else ()
+        self._known = {key for key, hit in zip(ok, known) if hit}
+        self._block_keys = set()
+        for sample in samples:
+            self._add(sample)
+        self.seen_keys.add_many(list(self._block_keys))
+        self._known, self._block_keys = set(), set()
+
+    def _add(self, sample: Sample) -> None:
+        """Record one row of the block being added; ok samples go into the open shard, which closes once full."""
         self._classify(sample)
-        shard = self._shard if sample.status == "ok" else None
+        shard = self._shard if sample.status == "ok" and not self.config.metadata_only else None
         self._ledger.append({"row": sample.row, "id": sample.key, "status": sample.status,
                              "error": sample.error, "shard": shard})
         self._counts[sample.status] += 1
@@ -67,8 +80,11 @@ class ShardWriter:
     def _classify(self, sample: Sample) -> None:
         if sample.status != "ok":
             return
-        if sample.key in self.seen_keys:
+        if sample.key in self._known or sample.key in self._block_keys:
             sample.status, sample.error = "bad_metadata", f"photo id {sample.key} appears again"
+            return
+        if self.config.metadata_only:
+            self._block_keys.add(sample.key)
             return
         digest = bytes.fromhex(sample.sha256)[:16]
         first = self.seen_hashes.get(digest)
@@ -76,14 +92,18 @@ class ShardWriter:
             sample.status, sample.error = "duplicate", f"same bytes as {first}"
             return
         self.seen_hashes.setdefault(digest, sample.key)
-        self.seen_keys.add(sample.key)
+        self._block_keys.add(sample.key)
 
     def _write_sample(self, sample: Sample) -> None:
+        row = sample.metadata  # the worker's copy: completed in place into the parquet row
+        if self.config.metadata_only:  # a metadata row without an image: in no shard
+            row.update(shard=-1, position=-1, offset=-1, size=0)
+            self._meta.append(row)
+            return
         if self._tar is None:
             self._tar = TarWriter(os.path.join(self.scratch, f"{self.name}.tar.partial"))
         offset = self._tar.offset + IMAGE_DATA_OFFSET
         self._tar.write(sample.member)
-        row = sample.metadata  # the worker's copy: completed in place into the parquet row
         row.update(shard=-1, position=len(self._meta), offset=offset, size=sample.jpeg_size)
         self._meta.append(row)
 
@@ -98,8 +118,9 @@ class ShardWriter:
             size, digest = self._tar.close()
             stats.update(name=self._shard, bytes=size, sha256=digest)
             self.out.publish(self._tar.path, stats["name"])
-            self.out.write_bytes(f"meta/{self.name}.parquet", rows_to_parquet_bytes(self._meta, self._extra_columns))
             self.num_shards += 1
+        if self._meta:
+            self.out.write_bytes(f"meta/{self.name}.parquet", rows_to_parquet_bytes(self._meta, self._extra_columns))
         ledger = "".join(_LEDGER_JSON.encode(entry) + "\n" for entry in self._ledger)
         self.out.write_bytes(f"ledger/{self.name}.jsonl", ledger.encode())
         self.out.write_json(f"stats/{self.name}.json", stats)

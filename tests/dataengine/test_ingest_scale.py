@@ -1,0 +1,127 @@
+"""Ingest at scale: the metadata-only mode, and per-row memory that stays bounded as the row count grows."""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import tracemalloc
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dataengine.errors import InputUnusableError
+from dataengine.fs import Location
+from dataengine.ingest import IngestConfig, run_ingest
+from dataengine.ingest.pipeline import Sample
+from dataengine.ingest.resume import ResumeState
+from dataengine.ingest.seen import KeySet
+from dataengine.ingest.writer import ShardWriter
+from tests.dataengine.test_ingest import ingest_files, yfcc_line
+
+
+def _metadata(tmp_path, lines):
+    (tmp_path / "meta.tsv").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "meta.tsv")
+
+
+def test_metadata_only_ingest_writes_every_valid_line_and_no_shard(tmp_path):
+    lines = [yfcc_line(1000 + i, i) for i in range(12)]
+    lines += [yfcc_line(2000, 12, marker="1"), "only\tthree\tfields", yfcc_line(1001, 14)]
+    config = IngestConfig(yfcc=_metadata(tmp_path, lines), metadata_only=True, out=str(tmp_path / "out"),
+                          shard_size=5, workers=1)
+    result = run_ingest(config)
+    assert result.counts == {"ok": 12, "missing": 0, "corrupt": 0, "duplicate": 0, "video": 1, "bad_metadata": 2,
+                             "download_failed": 0}
+    assert result.num_shards == 0 and not (tmp_path / "out" / "shards").exists()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["metadata_rows"] == 12 and manifest["config"]["metadata_only"] is True
+    table = pq.read_table(tmp_path / "out" / "metadata.parquet")
+    assert table["key"].to_pylist() == [str(1000 + i) for i in range(12)]
+    assert set(table["shard"].to_pylist()) == {-1} and set(table["offset"].to_pylist()) == {-1}
+    assert table["user"][0].as_py() == "123@N00" and table["tags"][0].as_py() == ["a", "b c"]
+    ledger = [json.loads(line) for line in (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
+    assert [e["row"] for e in ledger] == list(range(15)) and ledger[14]["status"] == "bad_metadata"
+    assert "appears again" in ledger[14]["error"] and all(e["shard"] is None for e in ledger)
+
+
+def test_metadata_only_resume_reloads_the_seen_photo_ids_and_gives_identical_output(tmp_path):
+    lines = [yfcc_line(5000 + i, i) for i in range(20)] + [yfcc_line(5002, 20)]  # a repeat in the last part
+    config = IngestConfig(yfcc=_metadata(tmp_path, lines), metadata_only=True, out=str(tmp_path / "out"),
+                          shard_size=4, workers=0)
+    run_ingest(config)
+    whole = ingest_files(tmp_path / "out")
+    out = tmp_path / "out"
+    for name in ("manifest.json", "metadata.parquet", "ledger.jsonl"):
+        (out / name).unlink()
+    for name in sorted(p.name for p in (out / "stats").iterdir())[2:]:  # as if killed after two parts
+        (out / "stats" / name).unlink()
+    (out / "nodes" / "node-000.json").unlink()
+    resumed = run_ingest(config)
+    assert resumed.counts["bad_metadata"] == 1 and ingest_files(out) == whole
+
+
+def test_metadata_only_needs_metadata_and_no_images(tmp_path):
+    with pytest.raises(ValueError, match="metadata_only"):
+        IngestConfig(yfcc="m.tsv", images="img", metadata_only=True, out="o")
+    with pytest.raises(ValueError, match="metadata_only"):
+        IngestConfig(images="img", metadata_only=True, out="o")
+    with pytest.raises(InputUnusableError, match="no valid photo line"):
+        run_ingest(IngestConfig(yfcc=_metadata(tmp_path, ["bad\tline"]), metadata_only=True,
+                                out=str(tmp_path / "o"), workers=0))
+
+
+def test_key_set_matches_a_python_set_for_every_kind_of_key():
+    rng = random.Random(3)
+    oracle: set[str] = set()
+    keys = KeySet()
+    for _ in range(40):
+        block = []
+        for _ in range(rng.randrange(1, 300)):
+            kind = rng.randrange(4)
+            if kind == 0:
+                block.append(str(rng.randrange(0, 3000)))  # decimal photo ids, many repeats
+            elif kind == 1:
+                block.append(f"{rng.getrandbits(64):016x}" if rng.random() < 0.5 else f"{rng.randrange(50):016x}")
+            elif kind == 2:
+                block.append(rng.choice(["0012", "-5", "abc", "x" * 20, str(2**64 - 1), "18446744073709551615"]))
+            else:
+                block.append(str(rng.randrange(2**63, 2**64)))
+        expected = np.array([k in oracle for k in block])
+        assert (keys.contains_many(block) == expected).all()
+        keys.add_many(block)
+        oracle.update(block)
+        assert len(keys) == len(oracle)
+    assert all(k in keys for k in oracle) and "999999" not in keys
+
+
+def _block(start: int, count: int) -> list[Sample]:
+    return [Sample(row=r, key=str(10_000_000_000 + r), status="ok", metadata={"photo_id": 10_000_000_000 + r})
+            for r in range(start, start + count)]
+
+
+def test_the_writer_keeps_a_few_bytes_per_photo_id_not_a_string(tmp_path):
+    """Per-row state of a metadata-only ingest grows by < 32 bytes a row (a set of id strings: ~100)."""
+    config = IngestConfig(yfcc="m.tsv", metadata_only=True, out=str(tmp_path), shard_size=5000, workers=0)
+    writer = ShardWriter(Location(str(tmp_path)), config, ResumeState())
+    block, rows = 1000, 0
+    gc.collect()
+    tracemalloc.start()
+    try:
+        while rows < 2_000:
+            writer.add_block(_block(rows, block))
+            rows += block
+        writer.close_shard()
+        gc.collect()
+        start = tracemalloc.get_traced_memory()[0]
+        while rows < 22_000:
+            writer.add_block(_block(rows, block))
+            rows += block
+        writer.close_shard()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert len(writer.seen_keys) == 22_000
+    assert grown / 20_000 < 32, f"{grown / 20_000:.1f} bytes per row"
