@@ -42,7 +42,8 @@ import logging
 import os
 import posixpath
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,8 @@ METADATA_COLUMNS = {"user": "categorical", "device": "categorical", "label": "ca
 MAX_RECORDED_FAILURES = 1000
 # Rows per chunk of the per-row metadata arrays written once at creation: large objects, few requests.
 _META_CHUNK_ROWS = 1 << 18
+METADATA_BATCH_ROWS = _META_CHUNK_ROWS
+"""Rows per record batch in which ``metadata.parquet`` is streamed into a store."""
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
@@ -386,77 +389,177 @@ def _clear_for_create(url: str, storage_options: dict[str, Any] | None) -> None:
 
 
 def write_keys_and_metadata(store: FeatureStore, table: Any) -> dict[str, str]:
-    """Copy ``key`` and the analysis columns of a ``metadata.parquet`` table into the store.
+    """Copy ``key`` and the analysis columns of a ``metadata.parquet`` table (in memory) into the store.
 
     Returns:
         The metadata columns written, name -> kind (columns null for every row are skipped).
     """
-    import pyarrow as pa
+    return write_metadata_batches(store, lambda: iter(table.to_batches(_META_CHUNK_ROWS)), table.num_rows)
 
-    chunk = (min(_META_CHUNK_ROWS, max(1, table.num_rows)),)
-    _write_strings(store, "keys", table.column("key"), chunk[0])
-    written = {}
-    for name, kind in METADATA_COLUMNS.items():
-        if name not in table.column_names:
+
+def write_metadata_batches(store: FeatureStore, batches: Callable[[], Iterator[Any]], num_rows: int, *,
+                           chunk_rows: int = _META_CHUNK_ROWS) -> dict[str, str]:
+    """Copy ``key`` and the analysis columns of ``metadata.parquet`` into the store, streaming.
+
+    ``batches()`` yields the table's Arrow record batches front to back; it is called twice: a first pass
+    collects each column's vocabulary (its distinct values, not its rows), the second writes codes, offsets
+    and floats in whole chunks of ``chunk_rows`` rows. Memory: a batch, a chunk per column and the
+    vocabularies, whatever ``num_rows`` (reading a 96M-row table whole took several GB for its keys and tags).
+
+    Returns:
+        The metadata columns written, name -> kind (columns null for every row are skipped).
+
+    Raises:
+        ValueError: the batches do not hold ``num_rows`` rows.
+    """
+    found = _scan_columns(batches, num_rows)
+    chunk = min(chunk_rows, max(1, num_rows))
+    sinks: dict[str, _ColumnSink] = {"key": _ColumnSink(store, "keys", num_rows, chunk, dtype=str)}
+    written: dict[str, str] = {}
+    for name, scan in found.items():
+        if scan.empty:
             continue
-        column = table.column(name)
-        if kind == "float":
-            values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
-            if np.isnan(values).all():
-                continue
-            store.write_array(f"metadata/{name}", values, chunks=chunk)
-        elif kind == "categorical":
-            if column.null_count == len(column):
-                continue
-            codes, vocab = encode_categorical(column)
-            store.write_array(f"metadata/{name}/codes", codes, chunks=chunk)
-            store.write_array(f"metadata/{name}/vocab", vocab)
-        else:
-            codes, offsets, vocab = encode_ragged(column)
-            if not len(codes):
-                continue
-            store.write_array(f"metadata/{name}/codes", codes, chunks=(min(_META_CHUNK_ROWS, len(codes)),))
-            store.write_array(f"metadata/{name}/offsets", offsets, chunks=(min(_META_CHUNK_ROWS, len(offsets)),))
-            store.write_array(f"metadata/{name}/vocab", vocab)
-        written[name] = kind
+        written[name] = scan.kind
+        sinks[name] = _ColumnSink(store, name, num_rows, chunk, scan=scan)
+    for batch in batches():
+        for name, sink in sinks.items():
+            sink.append(batch.column(batch.schema.get_field_index(name)))
+    for sink in sinks.values():
+        sink.close()
     return written
 
 
-def _write_strings(store: FeatureStore, path: str, column: Any, chunk_rows: int) -> None:
-    """Write an Arrow string column chunk by chunk (Python strings for one chunk at a time, not for all rows)."""
-    array = store.group.create_array(path, shape=(len(column),), dtype=str, chunks=(chunk_rows,), overwrite=True)
-    for start in range(0, len(column), chunk_rows):
-        values = column.slice(start, chunk_rows).to_pylist()
-        array[start:start + len(values)] = np.asarray(values, dtype=object)
+@dataclass
+class _ColumnScan:
+    kind: str
+    values: set = field(default_factory=set)  # distinct non-null values (categorical and ragged kinds)
+    total: int = 0  # ragged: the number of list items over all rows
+    any_value: bool = False  # float: some row is not NaN
+
+    @property
+    def empty(self) -> bool:
+        return not (self.values or self.any_value)
 
 
-def encode_categorical(column: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Arrow string column -> (int32 codes with -1 for null, sorted vocabulary)."""
-    import pyarrow as pa
+def _scan_columns(batches: Callable[[], Iterator[Any]], num_rows: int) -> dict[str, _ColumnScan]:
+    """First pass: the vocabulary of each categorical and ragged column, and whether a float column has values."""
     import pyarrow.compute as pc
 
-    column = _one_chunk(column).cast(pa.string())
-    vocab = np.asarray(sorted(v for v in pc.unique(column).to_pylist() if v is not None), dtype=object)
-    codes = pc.index_in(column, value_set=pa.array(vocab.tolist(), pa.string()))
-    return pc.fill_null(codes, -1).to_numpy(zero_copy_only=False).astype(np.int32), vocab
+    scans: dict[str, _ColumnScan] = {}
+    rows = 0
+    for batch in batches():
+        rows += batch.num_rows
+        for name, kind in METADATA_COLUMNS.items():
+            if name not in batch.schema.names:
+                continue
+            scan = scans.setdefault(name, _ColumnScan(kind))
+            column = batch.column(batch.schema.get_field_index(name))
+            if kind == "float":
+                scan.any_value = scan.any_value or bool((~np.isnan(_floats(column))).any())
+                continue
+            if kind == "ragged":
+                scan.total += int(pc.sum(pc.fill_null(pc.list_value_length(column), 0)).as_py() or 0)
+                column = pc.list_flatten(column)
+            scan.values.update(v for v in pc.unique(column).to_pylist() if v is not None)
+    if rows != num_rows:
+        raise ValueError(f"the metadata has {rows} rows, expected {num_rows}")
+    return scans
 
 
-def encode_ragged(column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Arrow list<string> column -> (flat int32 codes, int64 offsets, sorted vocabulary); null lists are empty."""
+def _floats(column: Any) -> np.ndarray:
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    column = _one_chunk(column)
-    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = pc.list_flatten(column)
-    codes, vocab = encode_categorical(flat if len(flat) else pa.array([], pa.string()))
-    return codes, offsets, vocab
+    return column.cast(pa.float64()).to_numpy(zero_copy_only=False)
 
 
-def _one_chunk(column: Any) -> Any:
-    """An Arrow Array from an Array or a ChunkedArray."""
-    return column.combine_chunks() if hasattr(column, "combine_chunks") else column
+class _ColumnSink:
+    """One metadata column written to the store in appended batches, flushed in whole chunks."""
+
+    def __init__(self, store: FeatureStore, name: str, num_rows: int, chunk: int, *, dtype: Any = None,
+                 scan: _ColumnScan | None = None) -> None:
+        self.scan, self.chunk = scan, chunk
+        self.vocab = None
+        if scan is None:  # the keys
+            self.main = _Appender(store.group.create_array(name, shape=(num_rows,), dtype=dtype, chunks=(chunk,),
+                                                           overwrite=True))
+            return
+        path = f"metadata/{name}"
+        if scan.kind == "float":
+            self.main = _Appender(store.group.create_array(path, shape=(num_rows,), dtype="float64",
+                                                           chunks=(chunk,), overwrite=True))
+            return
+        import pyarrow as pa
+
+        vocab = np.asarray(sorted(scan.values), dtype=object)
+        store.write_array(f"{path}/vocab", vocab)
+        self.vocab = pa.array(vocab.tolist(), pa.string())
+        length = scan.total if scan.kind == "ragged" else num_rows
+        self.main = _Appender(store.group.create_array(f"{path}/codes", shape=(length,), dtype="int32",
+                                                       chunks=(min(chunk, max(1, length)),), overwrite=True))
+        if scan.kind == "ragged":
+            self.offsets = _Appender(store.group.create_array(f"{path}/offsets", shape=(num_rows + 1,), dtype="int64",
+                                                              chunks=(min(chunk, num_rows + 1),), overwrite=True))
+            self.offsets.append(np.zeros(1, np.int64))
+            self.items = 0
+
+    def append(self, column: Any) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if self.scan is None:
+            self.main.append(np.asarray(column.to_pylist(), dtype=object))
+        elif self.scan.kind == "float":
+            self.main.append(_floats(column))
+        elif self.scan.kind == "categorical":
+            self.main.append(self._codes(column.cast(pa.string())))
+        else:
+            lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+            self.offsets.append(self.items + np.cumsum(lengths))
+            self.items += int(lengths.sum())
+            self.main.append(self._codes(pc.list_flatten(column)))
+
+    def _codes(self, values: Any) -> np.ndarray:
+        import pyarrow.compute as pc
+
+        codes = pc.index_in(values, value_set=self.vocab)
+        return pc.fill_null(codes, -1).to_numpy(zero_copy_only=False).astype(np.int32)
+
+    def close(self) -> None:
+        self.main.close()
+        if self.scan is not None and self.scan.kind == "ragged":
+            self.offsets.close()
+
+
+class _Appender:
+    """Appends to a 1-D zarr array, writing only whole chunks (and the last one): no chunk is written twice."""
+
+    def __init__(self, array: Any) -> None:
+        self.array, self.chunk = array, array.chunks[0]
+        self.position = 0
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+
+    def append(self, values: np.ndarray) -> None:
+        self.pending.append(values)
+        self.pending_rows += len(values)
+        if self.pending_rows >= self.chunk:
+            self._flush(whole_chunks=True)
+
+    def _flush(self, whole_chunks: bool) -> None:
+        if not self.pending_rows:
+            return
+        values = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        count = len(values) - len(values) % self.chunk if whole_chunks else len(values)
+        if count:
+            self.array[self.position:self.position + count] = values[:count]
+            self.position += count
+        self.pending = [values[count:]] if count < len(values) else []
+        self.pending_rows = len(values) - count
+
+    def close(self) -> None:
+        self._flush(whole_chunks=False)
+        if self.position != self.array.shape[0]:
+            raise ValueError(f"wrote {self.position} of the {self.array.shape[0]} rows of {self.array.path}")
 
 
 def remove_partial_writes(url: str) -> int:

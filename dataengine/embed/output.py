@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,11 +16,13 @@ from dataengine.errors import OutputExistsError
 from dataengine.shards import ShardSet
 from dataengine.store import (
     MAX_RECORDED_FAILURES,
+    METADATA_BATCH_ROWS,
+    METADATA_COLUMNS,
     FeatureStore,
     StoreLayout,
     create_store,
     remove_partial_writes,
-    write_keys_and_metadata,
+    write_metadata_batches,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,12 +86,16 @@ def _create(config: EmbedConfig, shard_set: ShardSet, model: EmbedModel, wanted:
                          chunk_rows=wanted["chunk_rows"], chunks_per_shard=config.chunks_per_shard)
     attrs = _store_attrs(config, shard_set, model, wanted, layout)
     store = create_store(config.out, config.storage_options, layout, attrs)
-    with open_input(shard_set.metadata_url, shard_set.storage_options) as handle:
-        table = pq.read_table(handle, columns=["key", "user", "device", "label", "tags", "lat", "lon"])
-    if table.num_rows != shard_set.num_samples:
-        raise ValueError(f"{shard_set.metadata_url} has {table.num_rows} rows but the manifest lists "
-                         f"{shard_set.num_samples} samples")
-    columns = write_keys_and_metadata(store, table)
+    def batches() -> Iterator[Any]:  # metadata.parquet front to back, a batch at a time (twice)
+        with open_input(shard_set.metadata_url, shard_set.storage_options) as handle:
+            parquet = pq.ParquetFile(handle)
+            if parquet.metadata.num_rows != shard_set.num_samples:
+                raise ValueError(f"{shard_set.metadata_url} has {parquet.metadata.num_rows} rows but the manifest "
+                                 f"lists {shard_set.num_samples} samples")
+            names = [n for n in ("key", *METADATA_COLUMNS) if n in parquet.schema_arrow.names]
+            yield from parquet.iter_batches(batch_size=METADATA_BATCH_ROWS, columns=names)
+
+    columns = write_metadata_batches(store, batches, shard_set.num_samples)
     store.write_attrs("", {"metadata_columns": columns, "state": "embedding"})
     logger.info("created %s: %d rows x %d (%s), %d blocks of %d rows", config.out, layout.num_rows, layout.dim,
                 layout.dtype, layout.num_blocks, layout.rows_per_block)

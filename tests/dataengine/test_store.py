@@ -169,3 +169,60 @@ def test_default_chunks_of_generic_arrays_are_megabytes():
     chunks = _default_chunks(np.zeros((1_000_000, 16), np.float32))
     assert chunks[1] == 16 and math.isclose(chunks[0] * 16 * 4, 4 << 20, rel_tol=0.01)
     assert _default_chunks(np.zeros((3, 2))) == (3, 2)
+
+
+def _metadata_file(path, num_rows: int, row_group: int = 4096) -> str:
+    """A metadata.parquet of ``num_rows`` rows with a bounded vocabulary (500 users, 300 tags)."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    with pq.ParquetWriter(str(path), pa.schema([("key", pa.string()), ("user", pa.string()),
+                                                ("tags", pa.list_(pa.string())), ("lat", pa.float64())])) as out:
+        for start in range(0, num_rows, row_group):
+            n = min(row_group, num_rows - start)
+            lengths = np.arange(n) % 4
+            tags = pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
+                                            pa.array(np.char.add("t", rng.integers(0, 300, lengths.sum()).astype(str))))
+            out.write_table(pa.table({"key": pa.array((10**9 + start + np.arange(n)).astype(str)),
+                                      "user": pa.array(np.char.add("u", rng.integers(0, 500, n).astype(str))),
+                                      "tags": tags, "lat": rng.normal(size=n)}))
+    return str(path)
+
+
+def _streamed_peak(tmp_path, num_rows: int) -> tuple[int, dict]:
+    import tracemalloc
+
+    import pyarrow.parquet as pq
+
+    from dataengine.store import write_metadata_batches
+
+    source = _metadata_file(tmp_path / f"m{num_rows}.parquet", num_rows)
+    store, _ = _new_store(tmp_path / f"s{num_rows}.zarr", num_rows=num_rows, chunk_rows=4096)
+    tracemalloc.start()
+    try:
+        columns = write_metadata_batches(store, lambda: pq.ParquetFile(source).iter_batches(batch_size=4096),
+                                         num_rows, chunk_rows=4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    store.write_attrs("", {"metadata_columns": columns, "complete": True})
+    return peak, columns
+
+
+def test_metadata_is_streamed_into_the_store_in_bounded_memory(tmp_path):
+    """Writing 4x the rows must not raise the peak: a whole-table write holds ~40 bytes a row (codes, floats,
+    offsets) at once, 5 MB at 120,000 rows."""
+    import pyarrow.parquet as pq
+
+    small, _ = _streamed_peak(tmp_path, 30_000)
+    large, columns = _streamed_peak(tmp_path, 120_000)
+    assert large < 1.5 * small + (1 << 19) and large < 3 << 20, (small, large)
+    assert columns == {"user": "categorical", "tags": "ragged", "lat": "float"}
+    table = pq.read_table(tmp_path / "m120000.parquet")
+    store = open_store(str(tmp_path / "s120000.zarr"))
+    assert store.keys[-3:].tolist() == table["key"].to_pylist()[-3:]
+    assert store.metadata("user").values()[::997] == table["user"].to_pylist()[::997]
+    tags = store.metadata("tags")
+    assert tags.offsets[-1] == sum(len(t) for t in table["tags"].to_pylist())
+    assert [tags.row(r) for r in (0, 1, 2, 3, 119_999)] == [table["tags"][r].as_py() for r in (0, 1, 2, 3, 119_999)]
+    assert np.array_equal(store.metadata("lat"), table["lat"].to_numpy())
