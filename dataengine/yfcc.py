@@ -14,7 +14,6 @@ any other integer outside it is a missing value, like an unparseable one.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -106,8 +105,13 @@ class YfccRecord:
         return self.marker == 1
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as a JSON-able dict (the sample's metadata in the shards)."""
-        return dataclasses.asdict(self)
+        """The record as a JSON-able dict (the sample's metadata in the shards).
+
+        A shallow copy with copied lists: ``dataclasses.asdict`` deep-copies every field, which was half the
+        CPU time of parsing a line."""
+        values = dict(self.__dict__)
+        values["tags"], values["machine_tags"] = list(self.tags), list(self.machine_tags)
+        return values
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,9 @@ class BadLine:
 
 
 def _text(value: str) -> str:
-    return unquote_plus(value) if value else ""
+    if "%" not in value:  # most fields: unquote_plus would only turn "+" into spaces, at 10x the cost
+        return value.replace("+", " ")
+    return unquote_plus(value)
 
 
 def _optional_text(value: str) -> str | None:
@@ -128,7 +134,7 @@ def _optional_text(value: str) -> str | None:
 
 
 def _tag_list(value: str) -> list[str]:
-    tags = (unquote_plus(t).strip() for t in value.split(",")) if value else ()
+    tags = (_text(t).strip() for t in value.split(",")) if value else ()
     return [t for t in tags if t]
 
 
