@@ -86,6 +86,7 @@ def _create(config: EmbedConfig, shard_set: ShardSet, model: EmbedModel, wanted:
                          chunk_rows=wanted["chunk_rows"], chunks_per_shard=config.chunks_per_shard)
     attrs = _store_attrs(config, shard_set, model, wanted, layout)
     store = create_store(config.out, config.storage_options, layout, attrs)
+
     def batches() -> Iterator[Any]:  # metadata.parquet front to back, a batch at a time (twice)
         with open_input(shard_set.metadata_url, shard_set.storage_options) as handle:
             parquet = pq.ParquetFile(handle)
