@@ -125,3 +125,16 @@ def test_the_writer_keeps_a_few_bytes_per_photo_id_not_a_string(tmp_path):
         tracemalloc.stop()
     assert len(writer.seen_keys) == 22_000
     assert grown / 20_000 < 32, f"{grown / 20_000:.1f} bytes per row"
+
+
+def test_metadata_only_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    lines = [yfcc_line(7000 + i, i) for i in range(5)] + ["bad"]
+    done = subprocess.run([sys.executable, "-m", "dataengine", "ingest", "--yfcc", _metadata(tmp_path, lines),
+                           "--metadata-only", "--out", str(tmp_path / "out"), "--workers", "0", "--json"],
+                          capture_output=True, text=True, check=True)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["counts"]["ok"] == 5 and summary["counts"]["bad_metadata"] == 1 and summary["num_shards"] == 0
+    assert pq.read_table(tmp_path / "out" / "metadata.parquet").num_rows == 5
