@@ -32,8 +32,7 @@ def test_metadata_only_ingest_writes_every_valid_line_and_no_shard(tmp_path):
     config = IngestConfig(yfcc=_metadata(tmp_path, lines), metadata_only=True, out=str(tmp_path / "out"),
                           shard_size=5, workers=1)
     result = run_ingest(config)
-    assert result.counts == {"ok": 12, "missing": 0, "corrupt": 0, "duplicate": 0, "video": 1, "bad_metadata": 2,
-                             "download_failed": 0}
+    assert {status: n for status, n in result.counts.items() if n} == {"ok": 12, "video": 1, "bad_metadata": 2}
     assert result.num_shards == 0 and not (tmp_path / "out" / "shards").exists()
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["metadata_rows"] == 12 and manifest["config"]["metadata_only"] is True
