@@ -31,6 +31,7 @@ from PIL import Image
 
 from dataengine.shards import ShardInfo, StreamErrors, image_member, register_fsspec_opener, sample_stream
 from trainer.augment import CROP_DRAWS, CropConfig, resized_crop_flip
+from trainer.elastic import Piece, StreamLayout, slot_pieces
 from trainer.sampler import BalancedStream, ClusterBalance, StreamConfig, stream_rng
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,11 @@ class EpochPlan:
     rank: int
     world_size: int
     skip_batches: int = 0
-    """Batches this rank already consumed in this epoch (resume): skipped without decoding."""
+    """Batches this rank already consumed in this epoch (resume): skipped without decoding, unless ``layout``
+    has pieces."""
+    layout: StreamLayout | None = None
+    """The epoch's stream layout after an elastic resume (:mod:`trainer.elastic`): with ``pieces``, the rank's
+    workers read the pieces dealt to them (and yield each item's piece number) instead of their own sources."""
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -100,13 +105,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         batches = max(0, -(-(self.plan.skip_batches - worker) // num_workers))
         return batches * self.batch_size
 
-    def worker_stream(self, worker: int, num_workers: int,
-                      rows_of: Callable[[ShardInfo], Iterator[tuple[int, T]]]) -> Iterator[tuple[int, T]]:
+    def worker_stream(self, worker: int, num_workers: int, rows_of: Callable[[ShardInfo], Iterator[tuple[int, T]]],
+                      plan: EpochPlan | None = None) -> Iterator[tuple[int, T]]:
         """The ``(row, item)`` sequence worker ``worker`` emits (balanced and shuffled), items read by
-        ``rows_of(shard)``: the samples themselves, or anything else in their place (:func:`batch_rows`)."""
+        ``rows_of(shard)``: the samples themselves, or anything else in their place (:func:`batch_rows`);
+        ``plan``: the epoch and rank whose worker it is (by default this stream's)."""
+        plan = plan or self.plan
         # Rank r streams this epoch's shards r, r + world, ...; its worker w takes every W-th of those.
-        mine = epoch_shards(self.shards, self.stream.seed, self.plan)[worker::num_workers]
-        stream = BalancedStream(self.balance, self.stream, epoch=self.plan.epoch, rank=self.plan.rank, worker=worker)
+        mine = epoch_shards(self.shards, self.stream.seed, plan)[worker::num_workers]
+        stream = BalancedStream(self.balance, self.stream, epoch=plan.epoch, rank=plan.rank, worker=worker)
         return stream(interleave((rows_of(shard) for shard in mine), self.shards_in_flight))
 
     @staticmethod
@@ -119,18 +126,39 @@ class ShardStream(torch.utils.data.IterableDataset):
             logger.warning("%s: streamed %d samples, the manifest says %d (rows after the gap are shifted)",
                            shard.url, position, shard.num_samples)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]]:
         worker, num_workers = self._worker()
         register_fsspec_opener(self.storage_options)
-        skip = self._skip_items(worker, num_workers)
-        draws = np.empty((0, CROP_DRAWS))
-        for index, (row, sample) in enumerate(self.worker_stream(worker, num_workers, self._shard_rows)):
-            if index < skip:
+        layout = self.plan.layout
+        if layout is None or layout.pieces is None:
+            own = Piece(self.plan.rank * num_workers + worker, self._skip_items(worker, num_workers))
+            yield from self._source_items(own, self.plan, worker, num_workers)
+            return
+        if num_workers != layout.workers:
+            raise ValueError(f"the epoch's stream was laid out for {layout.workers} workers per rank, not "
+                             f"{num_workers}")
+        slots = self.plan.world_size * num_workers
+        mine = slot_pieces(layout.pieces, self.plan.rank * num_workers + worker, slots)
+        streams = [self._piece_items(number, piece, layout) for number, piece in mine]
+        yield from interleave(streams, max(len(streams), 1))
+
+    def _piece_items(self, number: int, piece: Piece, layout: StreamLayout) -> Iterator[tuple[torch.Tensor, int, int]]:
+        rank, worker = divmod(piece.source, layout.workers)
+        plan = EpochPlan(self.plan.epoch, rank, layout.world_size)
+        return ((image, row, number) for image, row in self._source_items(piece, plan, worker, layout.workers))
+
+    def _source_items(self, piece: Piece, plan: EpochPlan, worker: int,
+                      num_workers: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """``(crop, row)`` of the items of ``piece``, a part of the source of ``plan``'s rank and ``worker``: each
+        item decoded and cropped as that source's own worker does, the others skipped without decoding."""
+        draws, drawn = np.empty((0, CROP_DRAWS)), -1
+        for index, (row, sample) in enumerate(self.worker_stream(worker, num_workers, self._shard_rows, plan)):
+            if not piece.takes(index):
                 continue
             block, offset = divmod(index, _AUGMENT_BLOCK)
-            if offset == 0 or len(draws) == 0:
-                rng = stream_rng(self.stream.seed, _TAG_AUGMENT, self.plan.epoch, self.plan.rank, worker, block)
-                draws = rng.random((_AUGMENT_BLOCK, CROP_DRAWS))
+            if block != drawn:
+                rng = stream_rng(self.stream.seed, _TAG_AUGMENT, plan.epoch, plan.rank, worker, block)
+                draws, drawn = rng.random((_AUGMENT_BLOCK, CROP_DRAWS)), block
             yield resized_crop_flip(self._image(sample, row), self.crop, draws[offset]), row
 
     def _image(self, sample: dict[str, Any], row: int) -> torch.Tensor:
@@ -212,11 +240,28 @@ def epoch_shards(shards: list[ShardInfo], seed: int, plan: EpochPlan) -> list[Sh
     return [shards[index] for index in order[plan.rank::plan.world_size]]
 
 
-def expected_samples(shards: list[ShardInfo], balance: ClusterBalance | None, plan: EpochPlan,
-                     seed: int) -> float:
-    """Expected samples this rank emits in the epoch (all its workers together)."""
-    rows = [np.arange(s.first_row, s.end_row) for s in epoch_shards(shards, seed, plan)]
+def expected_samples(shards: list[ShardInfo], balance: ClusterBalance | None, plan: EpochPlan, seed: int,
+                     worker: int = 0, num_workers: int = 1) -> float:
+    """Expected samples this rank emits in the epoch (all its workers together; one of ``num_workers`` with
+    ``worker``)."""
+    rows = [np.arange(s.first_row, s.end_row) for s in epoch_shards(shards, seed, plan)[worker::num_workers]]
     if not rows:
         return 0.0
     rows_all = np.concatenate(rows)
     return float(rows_all.size if balance is None else balance.expected(rows_all).sum())
+
+
+def expected_piece_samples(shards: list[ShardInfo], balance: ClusterBalance | None, plan: EpochPlan,
+                           seed: int) -> float:
+    """Expected samples this rank's workers emit from the pieces an elastic resume dealt them (``plan.layout``)."""
+    layout = plan.layout
+    assert layout is not None and layout.pieces is not None
+    slots = plan.world_size * layout.workers
+    total = 0.0
+    for worker in range(layout.workers):
+        for _, piece in slot_pieces(layout.pieces, plan.rank * layout.workers + worker, slots):
+            rank, source_worker = divmod(piece.source, layout.workers)
+            source = expected_samples(shards, balance, EpochPlan(plan.epoch, rank, layout.world_size), seed,
+                                      source_worker, layout.workers)
+            total += piece.expected_left(source)
+    return total

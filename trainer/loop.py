@@ -41,6 +41,7 @@ from trainer.checkpoint import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_V
                                 read_checkpoint_state, save_checkpoint)
 from trainer.config import TrainConfig
 from trainer.data import EpochPlan
+from trainer.elastic import PieceCounter, StreamLayout, resume_layout
 from trainer.labels import Labels
 from trainer.network import Network, new_head
 from trainer.parallel import all_reduce_grads
@@ -92,6 +93,9 @@ class EpochProgress:
     images: int = 0
     seconds: float = 0.0
     """Seconds spent in steps (over the sessions of the run), for the samples/s figure."""
+    stream: dict[str, Any] | None = None
+    """Where the epoch's input stands (:class:`trainer.elastic.StreamLayout` as JSON); ``None`` before its first
+    step, and in checkpoints written before it was recorded (read as laid out for the resuming ranks)."""
 
     def add(self, stats: dict[str, Any], images: int) -> None:
         for key, value in stats.items():
@@ -130,6 +134,7 @@ class Trainer:
         self.optimizer = self._optimizer()
         self.epoch, self.step, self.total_steps = 0, 0, 0
         self.current: EpochProgress | None = None
+        self.pieces: PieceCounter | None = None
         self.metrics: list[dict[str, Any]] = []
         self.budget = Budget(config.schedule.time_budget, config.schedule.budget_clock)
         self.crop = CropConfig(size=config.data.image_size, scale=tuple(config.data.crop_scale))
@@ -166,7 +171,9 @@ class Trainer:
                                weight_decay=optim.weight_decay)
 
     def save(self) -> None:
-        """Write the full checkpoint durably (rank 0): once this returns it survives any kill."""
+        """Write the full checkpoint durably (rank 0; every rank calls it): once this returns it survives any
+        kill."""
+        self._record_stream()
         if self.rank != 0:
             return
         state = {
@@ -232,7 +239,7 @@ class Trainer:
 
         After a re-clustering the checkpoint is written before anything is removed: until it is on disk the
         last checkpoint names the previous clusterings, whose feature stores a resume reads."""
-        self.current = EpochProgress({"epoch": self.epoch})
+        self.current, self.pieces = EpochProgress({"epoch": self.epoch}), None
         budget = self.budget
         if not (self._needs_clustering(self.epoch) and budget.time_to_recluster(self.labels is not None)):
             return
@@ -247,13 +254,14 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> None:
         """Train on the rest of ``epoch`` (from ``self.step``), adding every step to ``self.current``."""
-        plan = EpochPlan(epoch=epoch, rank=self.rank, world_size=self.world_size, skip_batches=self.step)
+        plan = self._epoch_plan(epoch)
         loader, steps = epoch_loader(self.config, self.shard_set, self.labels, self.crop, plan)
+        self._lay_out_stream(plan, steps)
         if self.epoch_start:
             self.epoch_start(epoch, steps, self.step)
         self.network.train()
         current, start = self.current, time.perf_counter()
-        for images, rows in loader:
+        for images, rows, *pieces in loader:
             if self.step >= steps or not distributed.all_true(not self.budget.out_of_time()):
                 break
             loss, stats = step_loss(self.config, self.network, self.labels, images, rows, self.epoch, self.rank,
@@ -263,6 +271,8 @@ class Trainer:
             all_reduce_grads(self.network)
             self.optimizer.step()
             current.add(stats, len(images))
+            if pieces:
+                self.pieces.add(pieces[0])
             self.step, self.total_steps = self.step + 1, self.total_steps + 1
             if self.progress:
                 self.progress(1)
@@ -273,6 +283,34 @@ class Trainer:
         else:
             distributed.all_true(False)
         current.seconds += time.perf_counter() - start
+
+    def _epoch_plan(self, epoch: int) -> EpochPlan:
+        """This rank's plan for the rest of ``epoch``: laid out for the ranks it started with, or (elastic resume
+        with another number of ranks) on the pieces left of their sources."""
+        stored = self.current.stream if self.current is not None else None
+        layout = None
+        if stored is not None:
+            layout = resume_layout(StreamLayout.from_json(stored), self.step, self.config.data.batch_size,
+                                   self.world_size)
+            if layout.pieces is not None and stored.get("pieces") is None:
+                logger.info("epoch %d: %d ranks continue what %d ranks left after %d steps", epoch, self.world_size,
+                            layout.world_size, self.step)
+        return EpochPlan(epoch=epoch, rank=self.rank, world_size=self.world_size, skip_batches=self.step,
+                         layout=layout)
+
+    def _lay_out_stream(self, plan: EpochPlan, steps: int) -> None:
+        """Record the epoch's stream layout (at its first step: these ranks, ``steps`` steps each) and count the
+        items of an elastic resume's pieces from here."""
+        layout = plan.layout or StreamLayout(world_size=self.world_size, workers=max(self.config.data.workers, 1),
+                                             planned=steps * self.world_size * self.config.data.batch_size)
+        self.current.stream = layout.to_json()
+        self.pieces = PieceCounter(layout)
+
+    def _record_stream(self) -> None:
+        """Store in the epoch's progress where its input stands (a collective over the ranks after an elastic
+        resume)."""
+        if self.current is not None and self.pieces is not None:
+            self.current.stream = self.pieces.layout_now(distributed.reducer().all_reduce_sum).to_json()
 
     def _end_epoch(self) -> None:
         """Log the epoch's record, then checkpoint, then rewrite ``metrics.jsonl`` from the checkpoint's records

@@ -11,7 +11,7 @@ from dataengine.shards import ShardSet
 from indexes.distributed import min_over_ranks
 from trainer.augment import CropConfig
 from trainer.config import TrainConfig
-from trainer.data import EpochPlan, ShardStream, expected_samples, make_loader
+from trainer.data import EpochPlan, ShardStream, expected_piece_samples, expected_samples, make_loader
 from trainer.labels import Labels
 from trainer.losses import super_targets
 from trainer.network import Network
@@ -23,18 +23,27 @@ TAG_ROTATE = 23
 
 def epoch_loader(config: TrainConfig, shard_set: ShardSet, labels: Labels | None, crop: CropConfig,
                  plan: EpochPlan) -> tuple[Any, int]:
-    """The DataLoader of one rank's epoch (resumed ``plan.skip_batches`` in) and the number of steps every
-    rank can take in it."""
+    """The DataLoader of one rank's epoch (resumed ``plan.skip_batches`` in, or on the pieces of an elastic resume)
+    and the number of steps every rank can take in it (counted from the epoch's start)."""
     data, balance = config.data, None
     if labels is not None and data.balanced_sampling:
         balance = ClusterBalance(labels.balance, data.samples_per_epoch)
     stream = ShardStream(shard_set.shards, balance, StreamConfig(seed=config.seed, buffer_size=data.buffer_size,
                                                                  copy_spread=data.copy_spread),
                          crop, plan, data.batch_size, data.storage_options, data.shards_in_flight)
+    loader = make_loader(stream, data.batch_size, data.workers)
+    layout = plan.layout
+    if layout is not None and layout.pieces is not None:  # elastic resume: what is planned and left, if it is there
+        expected = min_over_ranks(expected_piece_samples(shard_set.shards, balance, plan, config.seed))
+        planned = (layout.planned - layout.consumed) // (plan.world_size * data.batch_size)
+        # Counts are random only where clusters are balanced: then the same margin as at an epoch's start.
+        margin = 4 * math.sqrt(max(expected, 1.0)) if balance is not None else 0.0
+        there = int((expected - margin) // data.batch_size)
+        return loader, plan.skip_batches + max(0, min(planned, there))
     expected = min_over_ranks(expected_samples(shard_set.shards, balance, plan, config.seed))
     # A few standard deviations below the expected count, so that no rank runs dry before the others.
     steps = int((expected - 4 * math.sqrt(max(expected, 1.0))) // data.batch_size)
-    return make_loader(stream, data.batch_size, data.workers), max(steps, 1)
+    return loader, max(steps, 1)
 
 
 def step_loss(config: TrainConfig, network: Network, labels: Labels | None, images: torch.Tensor,
