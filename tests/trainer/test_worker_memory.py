@@ -30,11 +30,11 @@ def _workers_private_mb(train_shards: str, context: str | None = None) -> list[f
     loader = make_loader(stream, 8, workers=2)
     if context:
         loader.multiprocessing_context = context
-    private = []
-    for _ in loader:
-        private = [child.memory_full_info().uss / 2**20 for child in psutil.Process().children()]
-        if len(private) == 2:
-            break
+    batches = iter(loader)
+    next(batches)  # the workers are running
+    workers = [psutil.Process(worker.pid) for worker in batches._workers]  # not other children of this process
+    private = [worker.memory_full_info().uss / 2**20 for worker in workers]
+    del batches
     return private
 
 
