@@ -13,11 +13,19 @@ The clustering algorithms talk to a :class:`Reducer`, never to ``torch.distribut
 small and independent of the number of rows: k x d sums and k counts per k-means iteration, one (k, d) buffer
 for the initial centroids, and a few counts per group while selecting the training sample
 (:func:`kth_smallest`).
+
+The trainer's collectives are here too: :func:`data_parallel` wraps a replicated module in torch's
+DistributedDataParallel (bucketed gradient all-reduce overlapped with the backward pass), :func:`new_group`
+makes a group of its own for one kind of traffic, and two differentiable collectives serve model-parallel
+layers: :func:`exchange_rows` (an all-to-all of rows whose backward pass returns every row's gradient to its
+sender) and :func:`sum_over_ranks` (an all-reduce whose backward pass all-reduces the gradient), with
+:func:`all_gather_counts` for the row counts an exchange needs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -283,14 +291,120 @@ def max_over_ranks(value: float) -> float:
     return float(value) if reduced is None else float(reduced)
 
 
-def average_over_ranks_(tensors: list[Any]) -> None:
-    """Replace each tensor by its mean over the ranks, in place (gradients); every rank passes the same shapes."""
+def new_group() -> Any:
+    """A new process group over every rank (collective: every rank calls it, in the same order), so that one
+    kind of traffic never interleaves with another's on the default group (e.g. the sub-class heads' exchange
+    during the backward pass and DDP's bucketed all-reduces); None without a group."""
     dist = _dist()
-    if dist is None or dist.get_world_size() == 1:
-        return
-    for tensor in tensors:
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
+    return dist.new_group() if dist is not None and dist.get_world_size() > 1 else None
+
+
+def data_parallel(module: Any, device: str, group: Any = None) -> Any:
+    """``module`` wrapped in :class:`torch.nn.parallel.DistributedDataParallel` over ``group`` (default: the
+    default group): its gradients are averaged over the ranks in buckets, overlapped with the backward pass.
+    ``module`` itself without a group or with one rank (so one process runs exactly the plain module).
+
+    ``device`` is where the module lives (``cpu`` or ``cuda:N``); DDP broadcasts rank 0's parameters and
+    buffers at construction, so every rank starts from the same state.
+    """
+    dist = _dist()
+    if dist is None or dist.get_world_size(group) == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [int(device.split(":")[1])] if device.startswith("cuda:") else None
+    return DistributedDataParallel(module, device_ids=device_ids, process_group=group)
+
+
+def group_size(group: Any = None) -> int:
+    """Number of ranks in ``group`` (the default group when None; 1 without a group)."""
+    dist = _dist()
+    return dist.get_world_size(group) if dist is not None else 1
+
+
+def group_rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (the default group when None; 0 without a group)."""
+    dist = _dist()
+    return dist.get_rank(group) if dist is not None else 0
+
+
+def all_gather_counts(counts: Any, group: Any = None) -> Any:
+    """The (world, n) int64 matrix whose row r is rank r's ``counts`` (an (n,) int64 tensor on the device the
+    group's backend uses); ``counts[None]`` without a group."""
+    import torch
+
+    dist = _dist()
+    if dist is None or dist.get_world_size(group) == 1:
+        return counts.unsqueeze(0)
+    gathered = torch.empty(dist.get_world_size(group) * counts.numel(), dtype=counts.dtype, device=counts.device)
+    dist.all_gather_single(gathered, counts.contiguous(), group=group)
+    return gathered.view(-1, counts.numel())
+
+
+def _exchange(tensor: Any, send: list[int], receive: list[int], group: Any) -> Any:
+    import torch
+
+    out = torch.empty((sum(receive), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    _dist().all_to_all_single(out, tensor.contiguous(), output_split_sizes=receive, input_split_sizes=send,
+                              group=group)
+    return out
+
+
+def _all_reduce_copy(tensor: Any, group: Any) -> Any:
+    import torch
+
+    total = tensor.clone(memory_format=torch.contiguous_format)
+    _dist().all_reduce(total, group=group)
+    return total
+
+
+@functools.cache
+def _differentiable() -> tuple[type, type]:
+    """The autograd functions of :func:`exchange_rows` and :func:`sum_over_ranks` (made once torch is loaded)."""
+    import torch
+
+    class Exchange(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, rows: Any, send: list[int], receive: list[int], group: Any) -> Any:
+            ctx.split, ctx.group = (send, receive), group
+            return _exchange(rows, send, receive, group)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> tuple[Any, None, None, None]:
+            send, receive = ctx.split
+            return _exchange(grad, receive, send, ctx.group), None, None, None
+
+    class Sum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, value: Any, group: Any) -> Any:
+            ctx.group = group
+            return _all_reduce_copy(value, group)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> tuple[Any, None]:
+            return _all_reduce_copy(grad, ctx.group), None
+
+    return Exchange, Sum
+
+
+def exchange_rows(tensor: Any, send: list[int], receive: list[int], group: Any = None) -> Any:
+    """All-to-all of rows: the first ``send[0]`` rows of ``tensor`` go to rank 0, the next ``send[1]`` to rank 1,
+    ...; returns the rows received, ``receive[0]`` from rank 0 first. Differentiable: the backward pass sends
+    each row's gradient back to the rank the row came from (the same exchange, reversed). ``tensor`` itself
+    without a group.
+    """
+    if group_size(group) == 1:
+        return tensor
+    return _differentiable()[0].apply(tensor, list(send), list(receive), group)
+
+
+def sum_over_ranks(tensor: Any, group: Any = None) -> Any:
+    """The sum of ``tensor`` over the ranks of ``group``, differentiable (the gradient of every rank's input is
+    the sum of the gradients of every rank's output, as for a sum computed in one process); ``tensor`` itself
+    without a group."""
+    if group_size(group) == 1:
+        return tensor
+    return _differentiable()[1].apply(tensor, group)
 
 
 def reducer() -> "Reducer":

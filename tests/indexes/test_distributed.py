@@ -149,8 +149,15 @@ def _group_worker(rank: int, port: int, out_dir: str) -> None:
                       WORLD_SIZE=str(WORLD_SIZE))
     torch.set_num_threads(1)
     with distributed.process_group("auto") as placement:  # no CUDA here: auto means the CPU, so gloo
-        grads = [torch.full((3,), float(rank + 1)), torch.tensor([10.0 * rank])]
-        distributed.average_over_ranks_(grads)
+        # Differentiable collectives: a sum whose backward sums the gradients, an all-to-all whose backward
+        # returns each row's gradient to its sender.
+        value = torch.full((3,), float(rank + 1), requires_grad=True)
+        total = distributed.sum_over_ranks(value)
+        (total * (rank + 1)).sum().backward()
+        rows = (torch.arange(3.0) + 10 * rank).requires_grad_(True)
+        send = [1, 2] if rank == 0 else [2, 1]  # rank 0 keeps 1 row, sends 2; rank 1 sends 2, keeps 1
+        received = distributed.exchange_rows(rows, send, [1, 2] if rank == 0 else [2, 1])
+        (received * (10 ** rank)).sum().backward()
         before_barrier = time.monotonic()
         if rank == 1:
             time.sleep(1.0)
@@ -164,7 +171,8 @@ def _group_worker(rank: int, port: int, out_dir: str) -> None:
             "all_true_one_false": distributed.all_true(rank == 0),
             "min": distributed.min_over_ranks(2.5 + rank), "max": distributed.max_over_ranks(-1.0 - rank),
             "sum": distributed.reducer().all_reduce_sum(np.array([rank + 1, 7], dtype=np.int64)).tolist(),
-            "grads": [g.tolist() for g in grads],
+            "sum_over_ranks": total.tolist(), "sum_grad": value.grad.tolist(),
+            "received": received.tolist(), "exchange_grad": rows.grad.tolist(),
         }
         distributed.reducer().barrier()
     seen["left"] = not torch.distributed.is_initialized() and distributed.world_size() == 1
@@ -184,8 +192,12 @@ def test_the_process_group_and_its_collectives_over_two_gloo_ranks(tmp_path):
         assert got["all_true_everywhere"] is True and got["all_true_one_false"] is False
         assert (got["min"], got["max"]) == (2.5, -1.0)
         assert got["sum"] == [3, 14]
-        assert got["grads"] == [[1.5, 1.5, 1.5], [5.0]]
+        assert got["sum_over_ranks"] == [3.0, 3.0, 3.0] and got["sum_grad"] == [3.0, 3.0, 3.0]
         assert got["left"]
+    assert seen[0]["received"] == [0.0, 10.0, 11.0] and seen[1]["received"] == [1.0, 2.0, 12.0]
+    # Rank 0's row 0 stayed (gradient 1), its rows 1-2 went to rank 1 (gradient 10); rank 1's rows 0-1 went to
+    # rank 0 (gradient 1), its row 2 stayed (gradient 10).
+    assert seen[0]["exchange_grad"] == [1.0, 10.0, 10.0] and seen[1]["exchange_grad"] == [1.0, 1.0, 10.0]
 
 
 def test_one_process_without_torchrun_is_a_group_of_one(monkeypatch):
