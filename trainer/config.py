@@ -3,10 +3,11 @@
 :class:`TrainConfig` holds the run folder, the method (``mode``) and the seed, and one frozen section per
 concern: :class:`DataConfig` (what is read and how it becomes crops), :class:`ModelConfig` (the network),
 :class:`OptimConfig` (the optimiser), :class:`ClusteringConfig` (the re-clusterings), :class:`ScheduleConfig`
-(how long, how often) and :class:`DistributedConfig` (what each process uses). Every section checks its own
-values; :class:`TrainConfig` checks those that depend on the mode. Field names are unique over all sections,
-so a flat mapping of options (:meth:`TrainConfig.from_flat`, e.g. the command line's, or the configuration
-stored by an older checkpoint) names its section unambiguously.
+(how long, how often) and :class:`DistributedConfig` (what each process uses: device, precision, threads,
+synchronised BatchNorm). Every section checks its own values; :class:`TrainConfig` checks those that depend
+on the mode. Field names are unique over all sections, so a flat mapping of options
+(:meth:`TrainConfig.from_flat`, e.g. the command line's, or the configuration stored by an older checkpoint)
+names its section unambiguously.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ MODES = ("deepercluster", "deepcluster", "rotnet", "clusterfit")
 DEFAULT_WHITENED_DIM = 64
 """Dimension of the whitened features the k-means sees by default."""
 BUDGET_CLOCKS = ("wall", "cpu")
+PRECISIONS = ("fp32", "bf16")
+SUB_HEAD_GRAD_MEANS = ("batch", "superclass")
 
 
 def _at_least(section: Any, minimum: float, *names: str, optional: bool = False) -> None:
@@ -115,6 +118,11 @@ class OptimConfig:
     """SGD momentum."""
     weight_decay: float = 1e-5
     """SGD weight decay."""
+    sub_head_grad_mean: str = "batch"
+    """DeeperCluster: the gradient of each sub-class head ``W_s`` is the mean over the batch's rows (``batch``,
+    Eq. 5 as written) or over the rows of its own super-class (``superclass``, as the reference code's
+    communication groups compute it; ``W_s`` then learns about ``4m`` times faster). The backbone's is the
+    batch mean either way."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -122,6 +130,9 @@ class OptimConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
         _at_least(self, 0, "weight_decay")
+        if self.sub_head_grad_mean not in SUB_HEAD_GRAD_MEANS:
+            raise ValueError(f"sub_head_grad_mean={self.sub_head_grad_mean!r} must be one of "
+                             f"{', '.join(SUB_HEAD_GRAD_MEANS)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,9 +208,24 @@ class DistributedConfig:
 
     num_threads: int | None = None
     """CPU threads for torch/faiss/BLAS per process (default: every core)."""
+    device: str = "auto"
+    """Where the network, heads and batches live: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or
+    ``cuda:N``; several ranks on CUDA use the device of their ``LOCAL_RANK``."""
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: forward passes under bfloat16 autocast (weights, gradients and the optimizer stay
+    float32)."""
+    compile: bool = False
+    """Run the backbone through ``torch.compile``."""
+    sync_bn: bool = False
+    """Batch statistics of BatchNorm layers over every rank's rows (the paper's), not each rank's own."""
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "num_threads", optional=True)
+        device = self.device
+        if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"device={device!r} must be auto, cpu, cuda or cuda:N")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,

@@ -225,11 +225,13 @@ def batch_mix(batches: Iterable[np.ndarray], classes: np.ndarray) -> dict[str, f
             "batches": len(shares)}
 
 
-def make_loader(dataset: ShardStream, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over a :class:`ShardStream` (in-order batches; the last partial batch is dropped)."""
+def make_loader(dataset: ShardStream, batch_size: int, workers: int,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over a :class:`ShardStream` (in-order batches; the last partial batch is dropped; batches in
+    page-locked memory with ``pin_memory``, for asynchronous copies to a GPU)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, drop_last=True,
-        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        persistent_workers=False, pin_memory=pin_memory,
     )
 
 

@@ -10,20 +10,27 @@ rotation and cluster accuracy, NMI between consecutive clusterings and against e
 samples/s.
 
 Checkpoints (``RUN/checkpoint.pt``, written atomically every ``checkpoint_every`` steps and at the end of
-every epoch) hold the backbone, heads, optimizer, epoch and step, the clustering in use and the RNG states;
-they load with ``torch.load(weights_only=True)``, and ``dataengine embed --checkpoint RUN`` reads them.
+every epoch) hold the backbone, heads, optimizers, epoch and step, the clustering in use and the RNG states
+(the sub-class heads in one file per rank, see :mod:`trainer.checkpoint`); they load with
+``torch.load(weights_only=True)``, and ``dataengine embed --checkpoint RUN`` reads them.
 After a SIGKILL, re-running the same command continues from the last checkpoint with exactly the batches an
 uninterrupted run would have used (the stream is a pure function of seed, epoch, rank, worker and position).
 
-Modules: :mod:`trainer.config` (the run's options), :mod:`trainer.network` (backbone and heads),
+The network, heads and batches live on ``device`` (CUDA when available by default; batches are pinned and
+copied asynchronously, the backbone uses channels-last batches there), forward passes optionally under
+bfloat16 autocast, the backbone optionally compiled. Over several ranks the backbone and the replicated head
+are data-parallel (DDP) and DeeperCluster's sub-class heads model-parallel (:mod:`trainer.parallel`).
+
+Modules: :mod:`trainer.config` (the run's options), :mod:`trainer.network` (backbone, heads, optimizers),
 :mod:`trainer.labels` (targets of a clustering), :mod:`trainer.recluster` (embed + cluster inside the run),
 :mod:`trainer.step` (an epoch's input, a step's loss), :mod:`trainer.checkpoint`, :mod:`trainer.budget`
-(time budgets) and :mod:`trainer.parallel` (gradient averaging; the other collectives are in
-:mod:`indexes.distributed`); this module runs them.
+(time budgets) and :mod:`trainer.parallel` (DDP, synchronised BatchNorm, sharded sub-class heads; the
+collectives are in :mod:`indexes.distributed`); this module runs them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -33,21 +40,23 @@ from typing import Any
 
 import torch
 
+from dataengine.models import resolve_device
 from dataengine.shards import load_shard_set
 from indexes import distributed
 from trainer.augment import CropConfig
 from trainer.budget import Budget
-from trainer.checkpoint import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, config_json,
-                                read_checkpoint_state, save_checkpoint)
+from trainer.checkpoint import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, config_json, load_sub_heads,
+                                read_checkpoint_state, remove_sub_heads, save_checkpoint, save_sub_heads,
+                                split_legacy_state)
 from trainer.config import TrainConfig
 from trainer.data import EpochPlan
 from trainer.elastic import PieceCounter, StreamLayout, resume_layout
 from trainer.labels import Labels
-from trainer.network import Network, new_head
-from trainer.parallel import all_reduce_grads
+from trainer.network import Network, Optimizers
+from trainer.parallel import Replicas, sync_batchnorm
 from trainer.recluster import Reclusterer, clustering_name
 from trainer.run_folder import RunFolder
-from trainer.step import epoch_loader, step_loss
+from trainer.step import batch_loss, epoch_loader, step_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +130,7 @@ class Trainer:
         self.epoch_start = epoch_start
         self.milestone: Milestone = milestone or (lambda _name: None)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.device = resolve_device(config.distributed.device)
         self.folder = RunFolder(config.out, config.data.storage_options)
         self.folder.make()
         register_fsspec_opener(config.data.storage_options)
@@ -128,10 +138,13 @@ class Trainer:
         self.network = Network(config)
         if config.model.init and config.mode != "clusterfit":
             self._load_backbone(config.model.init)
+        self._place_network()
+        self.replicas = Replicas(self.network, str(self.device), config.distributed.compile)
+        self.optimizers = Optimizers(config.optim, self.network)
         self.reclusterer = Reclusterer(config, self.rank, self.milestone, self.folder)
         self.labels: Labels | None = None
         self.previous: Labels | None = None
-        self.optimizer = self._optimizer()
+        self.saves, self.sub_heads_tag = 0, ""
         self.epoch, self.step, self.total_steps = 0, 0, 0
         self.current: EpochProgress | None = None
         self.pieces: PieceCounter | None = None
@@ -165,31 +178,62 @@ class Trainer:
                              f"(sobel={model.sobel})")
         self.network.backbone.load_state_dict(state)
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        optim = self.config.optim
-        return torch.optim.SGD(self.network.parameters(), lr=optim.lr, momentum=optim.momentum,
-                               weight_decay=optim.weight_decay)
+    def _place_network(self) -> None:
+        """Move the network to the device (channels-last on CUDA) and synchronise its BatchNorm if asked."""
+        network = self.network.to(self.device)
+        if self.device.type == "cuda":
+            network.to(memory_format=torch.channels_last)
+            network.channels_last = True
+        if self.config.distributed.sync_bn:
+            network.backbone = sync_batchnorm(network.backbone, self.device)
+
+    def _set_heads(self, labels: Labels, epoch: int) -> None:
+        """Fresh heads (this rank's shard of the sub-class heads) and head optimizers; the backbone's optimizer
+        keeps its momentum."""
+        self.network.set_heads(self.config, labels, epoch, self.rank, self.world_size)
+        self.replicas.wrap_head()
+        self.optimizers.reset_heads()
 
     def save(self) -> None:
-        """Write the full checkpoint durably (rank 0; every rank calls it): once this returns it survives any
-        kill."""
+        """Write the full checkpoint durably (every rank calls it; every rank writes its shard of the sub-class
+        heads, rank 0 the rest): once this returns it survives any kill."""
         self._record_stream()
+        self.saves += 1
+        tag, previous = "", self.sub_heads_tag
+        if self.network.sub_heads is not None:
+            tag = f"{self.saves:08d}"
+            save_sub_heads(self.folder, tag, self.rank, self._sub_heads_state())
+            distributed.barrier()
+        self.sub_heads_tag = tag
         if self.rank != 0:
             return
+        optimizers, shards = self.optimizers, self.network.shards
         state = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": self.config.model.arch,
             "sobel": self.config.model.sobel, "mode": self.config.mode,
-            "backbone": self.network.backbone.state_dict(),
-            "head": self.network.head.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "epoch": self.epoch, "step": self.step, "total_steps": self.total_steps,
+            "backbone": _cpu(self.network.backbone.state_dict()), "head": _cpu(self.network.head.state_dict()),
+            "optimizer": _cpu(optimizers.backbone.state_dict()),
+            "head_optimizer": _cpu(optimizers.head.state_dict()) if optimizers.head else None,
+            "sub_heads": {"tag": tag, "bounds": list(shards.bounds),
+                          "sub_counts": self.network.sub_heads.sub_counts} if tag else None,
+            "saves": self.saves, "epoch": self.epoch, "step": self.step, "total_steps": self.total_steps,
             "clustering": self.labels.name if self.labels else "",
             "previous_clustering": self.previous.name if self.previous else "",
             "torch_rng": torch.get_rng_state(), "elapsed": self.budget.elapsed,
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "metrics": json.dumps(self.metrics), "config": config_json(self.config),
             "epoch_progress": json.dumps(asdict(self.current)) if self.current else "",
         }
         save_checkpoint(self.folder, state, before_publish=lambda: self.milestone("checkpoint.written"),
                         on_part=lambda: self.milestone("checkpoint.uploading"))
+        if previous and previous != tag:
+            remove_sub_heads(self.folder, only=previous)
+
+    def _sub_heads_state(self) -> dict[str, Any]:
+        heads, optimizer = self.network.sub_heads, self.optimizers.sub_heads
+        momentum = [optimizer.state.get(p, {}).get("momentum_buffer") for p in (heads.sub_weight, heads.sub_bias)]
+        return _cpu({"first": heads.first, "stop": heads.stop, "weight": heads.sub_weight.detach(),
+                     "bias": heads.sub_bias.detach(), "momentum_weight": momentum[0], "momentum_bias": momentum[1]})
 
     def _resume(self) -> bool:
         state = read_checkpoint_state(self.folder, self.config)
@@ -197,31 +241,52 @@ class Trainer:
             return False
         self.network.backbone.load_state_dict(state["backbone"])
         self.epoch, self.step, self.total_steps = state["epoch"], state["step"], state["total_steps"]
-        self.metrics = json.loads(state["metrics"])
+        self.saves, self.metrics = state.get("saves", 0), json.loads(state["metrics"])
         self.current = _epoch_progress(state)
         self.budget.elapsed_before = state["elapsed"]
         if state["previous_clustering"]:
             self.previous = self.reclusterer.labels_of(state["previous_clustering"])
         if state["clustering"]:
             self.labels = self.reclusterer.labels_of(state["clustering"])
-            self.network.head = new_head(self.config, self.network.feature_dim, self.labels, 0)
+            self._set_heads(self.labels, 0)
+        if "head_optimizer" not in state:  # versions 1 and 2: one optimizer, the whole head in the file
+            sub_heads = self.network.sub_heads
+            state = split_legacy_state(state, list(self.network.backbone.parameters()), self.config.mode,
+                                       sub_heads.sub_counts if sub_heads is not None else None)
         self.network.head.load_state_dict(state["head"])
-        self.optimizer = self._optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sub_heads"):
+            self._load_sub_heads(state["sub_heads"])
+            self.sub_heads_tag = state["sub_heads"].get("tag", "")
+        self.optimizers.backbone.load_state_dict(state["optimizer"])
+        if self.optimizers.head is not None:
+            self.optimizers.head.load_state_dict(state["head_optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         logger.info("resumed %s at epoch %d step %d", self.config.out, self.epoch, self.step)
         return True
+
+    def _load_sub_heads(self, reference: dict[str, Any]) -> None:
+        """This rank's rows of the checkpoint's sub-class heads and their momentum."""
+        heads, optimizer = self.network.sub_heads, self.optimizers.sub_heads
+        rows = load_sub_heads(self.folder, reference, heads.first, heads.stop)
+        with torch.no_grad():
+            heads.sub_weight.copy_(rows["weight"])
+            heads.sub_bias.copy_(rows["bias"])
+        momentum = {index: {"momentum_buffer": rows[key]}
+                    for index, key in enumerate(("momentum_weight", "momentum_bias")) if rows[key] is not None}
+        optimizer.load_state_dict({"state": momentum, "param_groups": optimizer.state_dict()["param_groups"]})
 
     # -------------------------------------------------------------------------------------- clustering
 
     def recluster(self, epoch: int) -> dict[str, Any]:
-        """Embed the training set with the current backbone and cluster it; rebuild the head and the optimizer.
+        """Embed the training set with the current backbone and cluster it; rebuild the heads and their optimizers
+        (the backbone's keeps its momentum).
 
         The feature stores this makes unused are not removed here: see :meth:`_start_epoch`."""
         labels = self.reclusterer.run(epoch, self.network.backbone, self.network.feature_dim)
         self.previous, self.labels = self.labels, labels
-        self.network.head = new_head(self.config, self.network.feature_dim, self.labels, epoch)
-        self.optimizer = self._optimizer()
+        self._set_heads(self.labels, epoch)
         return self.reclusterer.metrics(self.labels, self.previous)
 
     def _needs_clustering(self, epoch: int) -> bool:
@@ -255,7 +320,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> None:
         """Train on the rest of ``epoch`` (from ``self.step``), adding every step to ``self.current``."""
         plan = self._epoch_plan(epoch)
-        loader, steps = epoch_loader(self.config, self.shard_set, self.labels, self.crop, plan)
+        loader, steps = epoch_loader(self.config, self.shard_set, self.labels, self.crop, plan,
+                                     pin_memory=self.device.type == "cuda")
         self._lay_out_stream(plan, steps)
         if self.epoch_start:
             self.epoch_start(epoch, steps, self.step)
@@ -264,13 +330,10 @@ class Trainer:
         for images, rows, *pieces in loader:
             if self.step >= steps or not distributed.all_true(not self.budget.out_of_time()):
                 break
-            loss, stats = step_loss(self.config, self.network, self.labels, images, rows, self.epoch, self.rank,
-                                    self.step)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            all_reduce_grads(self.network)
-            self.optimizer.step()
-            current.add(stats, len(images))
+            # Copied from pinned memory while the rotations are drawn; rotated on the device.
+            images = images.to(self.device, non_blocking=True)
+            inputs, targets = step_inputs(self.config, self.labels, images, rows, self.epoch, self.rank, self.step)
+            current.add(self.train_step(inputs, targets), len(images))
             if pieces:
                 self.pieces.add(pieces[0])
             self.step, self.total_steps = self.step + 1, self.total_steps + 1
@@ -312,6 +375,24 @@ class Trainer:
         if self.current is not None and self.pieces is not None:
             self.current.stream = self.pieces.layout_now(distributed.reducer().all_reduce_sum).to_json()
 
+    def train_step(self, images: torch.Tensor, targets: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        """One SGD step on a batch (images and targets as :func:`trainer.step.step_inputs` makes them, on any
+        device); its stats."""
+        images = images.to(self.device, non_blocking=True)
+        targets = tuple(target.to(self.device, non_blocking=True) for target in targets)
+        with self._autocast():
+            loss, stats = batch_loss(self.config, self.network, images, targets, self.replicas)
+        self.optimizers.zero_grad()
+        loss.backward()
+        self.optimizers.step()
+        return stats
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast of the forward pass when ``precision`` is ``bf16`` (else nothing)."""
+        if self.config.distributed.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def _end_epoch(self) -> None:
         """Log the epoch's record, then checkpoint, then rewrite ``metrics.jsonl`` from the checkpoint's records
         (so a kill in between never leaves a line the resumed run would write twice)."""
@@ -336,6 +417,8 @@ class Trainer:
             # epoch to start (if any) may be half made: its stores are kept for the resume to finish.
             self.reclusterer.drop_unused({labels.name for labels in (self.labels, self.previous) if labels}
                                          | {clustering_name(self.epoch)})
+        if self.rank == 0:  # shards of checkpoints that never were written, or were replaced
+            remove_sub_heads(self.folder, keep=self.sub_heads_tag)
         self._write_metrics()  # a line written after the last checkpoint belongs to work that is redone
         while self.epoch < self.config.schedule.epochs and not self.budget.out_of_time():
             if self.current is None:
@@ -372,3 +455,14 @@ def run_train(config: TrainConfig, progress: Callable[[int], None] | None = None
 
     set_num_threads(config.distributed.num_threads)
     return Trainer(config, progress, milestone, epoch_start).run()
+
+
+def _cpu(value: Any) -> Any:
+    """``value`` (a tensor, or dicts/lists of them) with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(item) for item in value)
+    return value

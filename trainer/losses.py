@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from indexes.data import stream_seed
+
 logger = logging.getLogger(__name__)
 
 NUM_ROTATIONS = 4
@@ -194,23 +196,96 @@ class ClusterHead(nn.Module):
         return loss, {"loss": loss.detach(), "cluster_acc": _accuracy(logits, targets)}
 
 
-class HierarchicalHead(nn.Module):
-    """DeeperCluster's two-level head: super-class classifier ``V`` and one sub-class classifier per
-    super-class (see the module docstring for the loss and the ``strategy`` choices).
+GRAD_MEANS: tuple[str, ...] = ("batch", "superclass")
+"""How the gradient of a sub-class classifier ``W_s`` is averaged: over the batch's rows (``batch``: the loss of
+Eq. 5 as written, so ``W_s`` learns about S times slower than ``V``) or over the rows of its own super-class
+(``superclass``: what the reference code's communication groups compute, every ``W_s`` at ``V``'s pace).
+The backbone's gradient is the batch mean either way."""
+
+
+class SubTerms(NamedTuple):
+    """The sub-class terms of a batch's rows (those of the owned super-classes)."""
+
+    loss: torch.Tensor
+    """Scalar to back-propagate: the CE sum of each super-class's rows divided by its ``divisor``."""
+    ce: torch.Tensor
+    """(rows,) detached cross-entropy of every row with its own sub-class classifier, in row order."""
+    correct: torch.Tensor
+    """(rows,) bool: the row's sub-class argmax is its target."""
+
+
+def _seed_of(seed: int, super_class: int) -> int:
+    return stream_seed(seed, super_class) & (2**63 - 1)
+
+
+def super_class_terms(logits: torch.Tensor, super_targets: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """Mean super-class CE of ``(B, S)`` logits and its stats ``loss_super``, ``super_acc``, ``rotation_acc`` and
+    ``cluster_acc`` (the rotation ``s % 4`` and the level-1 cluster ``s // 4`` read from the predicted
+    super-class)."""
+    loss = F.cross_entropy(logits, super_targets)
+    predicted = logits.argmax(dim=1)
+    return loss, {
+        "loss_super": loss.detach(), "super_acc": (predicted == super_targets).float().mean(),
+        "rotation_acc": (predicted % NUM_ROTATIONS == super_targets % NUM_ROTATIONS).float().mean(),
+        "cluster_acc": (predicted // NUM_ROTATIONS == super_targets // NUM_ROTATIONS).float().mean(),
+    }
+
+
+class SuperClassHead(nn.Module):
+    """DeeperCluster's super-class classifier ``V`` on its own: the part of the two-level head that every rank
+    holds (the sub-class classifiers may be sharded, :class:`SubClassHeads`)."""
+
+    def __init__(self, feature_dim: int, num_super: int, *, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if feature_dim < 1 or num_super < 1:
+            raise ValueError(f"feature_dim={feature_dim} and num_super={num_super} must be >= 1")
+        self.feature_dim = feature_dim
+        self.classifier = _linear(feature_dim, num_super, generator)
+
+    def forward(self, features: torch.Tensor, super_targets: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        """Mean super-class CE and its stats (:func:`super_class_terms`)."""
+        _check_targets(super_targets, self.classifier.out_features, "super_targets")
+        _check_features(features, self.feature_dim, super_targets.shape[0])
+        return super_class_terms(self.classifier(features), super_targets)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward pass multiplies the gradient by ``factor`` (a number or a column)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.factor, None
+
+
+def scale_grad(tensor: torch.Tensor, factor: float | torch.Tensor | None) -> torch.Tensor:
+    """``tensor``, whose gradient is multiplied by ``factor`` on the way back (``None`` or 1: unchanged)."""
+    if factor is None or (isinstance(factor, (int, float)) and factor == 1):
+        return tensor
+    return _ScaleGrad.apply(tensor, factor)
+
+
+class SubClassHeads(nn.Module):
+    """The sub-class classifiers ``W_s`` of the super-classes ``[first, stop)`` (all of them by default): one
+    flat ``(sum k_s, D)`` weight and bias, no padding however unequal the ``k_s`` are.
+
+    ``W_s`` is drawn from its own generator, seeded by ``(seed, s)``, so a shard holding some super-classes
+    has exactly the rows the whole head would have, whoever holds the others.
 
     Args:
         feature_dim: dimension ``D`` of the backbone features.
-        sub_counts: ``k_s`` for every super-class ``s`` (length ``S``; :func:`rotation_sub_counts` builds
-            it from the level-2 counts per level-1 cluster). Every ``k_s`` must be >= 1.
+        sub_counts: ``k_s`` of every super-class ``s`` (all ``S`` of them, >= 1 each).
+        first, stop: the super-classes held here (``stop=None``: up to ``S``); may be empty.
         strategy: how the sub-class logits are computed, one of :data:`SUB_STRATEGIES`.
-        generator: RNG of the weight initialisation (``None``: torch's global RNG).
-
-    The ``state_dict`` holds the parameters only: a checkpoint must also record :attr:`sub_counts` to
-    rebuild a head of the right shape before loading it.
+        seed: seed of the weights.
     """
 
-    def __init__(self, feature_dim: int, sub_counts: Sequence[int], *, strategy: SubStrategy = "grouped",
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(self, feature_dim: int, sub_counts: Sequence[int], *, first: int = 0, stop: int | None = None,
+                 strategy: SubStrategy = "grouped", seed: int = 0) -> None:
         super().__init__()
         if feature_dim < 1:
             raise ValueError(f"feature_dim={feature_dim} must be >= 1")
@@ -218,12 +293,157 @@ class HierarchicalHead(nn.Module):
             raise ValueError(f"strategy={strategy!r} is not one of {', '.join(SUB_STRATEGIES)}")
         self.feature_dim = feature_dim
         self.strategy = strategy
-        self.reinitialize(sub_counts, generator=generator)
+        self._build(sub_counts, first, stop, seed)
 
     @property
     def num_super(self) -> int:
-        """Number of super-classes ``S``."""
+        """Number of super-classes ``S`` (all of them, held here or not)."""
         return len(self.sub_counts)
+
+    @property
+    def owned_counts(self) -> list[int]:
+        """``k_s`` of the super-classes held here."""
+        return self.sub_counts[self.first:self.stop]
+
+    def _build(self, sub_counts: Sequence[int], first: int, stop: int | None, seed: int) -> None:
+        counts = [int(count) for count in sub_counts]
+        if not counts or min(counts) < 1:
+            raise ValueError(f"sub_counts must be a non-empty list of counts >= 1, got {counts[:16]}")
+        stop = len(counts) if stop is None else stop
+        if not 0 <= first <= stop <= len(counts):
+            raise ValueError(f"super-classes [{first}, {stop}) are not within [0, {len(counts)})")
+        device = self.sub_weight.device if hasattr(self, "sub_weight") else torch.device("cpu")
+        self.sub_counts, self.first, self.stop = counts, first, stop
+        owned = counts[first:stop]
+        weight = torch.empty(sum(owned), self.feature_dim)
+        for rows, s in zip(weight.split(owned), range(first, stop)):
+            rows.normal_(0.0, _INIT_STD, generator=torch.Generator().manual_seed(_seed_of(seed, s)))
+        self.sub_weight = nn.Parameter(weight.to(device))
+        self.sub_bias = nn.Parameter(torch.zeros(sum(owned), device=device))
+        offsets = torch.tensor([0, *np.cumsum(owned).tolist()], dtype=torch.int64, device=device)
+        self.register_buffer("sub_offsets", offsets, persistent=False)
+        self.register_buffer("sub_sizes", torch.tensor(counts, dtype=torch.int64, device=device), persistent=False)
+
+    def check_targets(self, super_targets: torch.Tensor, sub_targets: torch.Tensor) -> None:
+        """Raise ``ValueError``/``TypeError`` unless every row has a super-class in ``[0, S)`` and a sub-class
+        in ``[0, k_s)`` of its super-class."""
+        _check_targets(super_targets, self.num_super, "super_targets")
+        _check_targets(sub_targets, max(self.sub_counts), "sub_targets")
+        if sub_targets.shape != super_targets.shape:
+            raise ValueError(f"sub_targets {tuple(sub_targets.shape)} and super_targets "
+                             f"{tuple(super_targets.shape)} differ in shape")
+        too_big = sub_targets >= self.sub_sizes[super_targets]
+        if bool(too_big.any()):
+            row = int(too_big.nonzero()[0, 0])
+            raise ValueError(f"row {row}: sub-target {int(sub_targets[row])} >= k_s="
+                             f"{self.sub_counts[int(super_targets[row])]} of its super-class "
+                             f"{int(super_targets[row])}")
+
+    def group_sizes(self, super_targets: torch.Tensor) -> torch.Tensor:
+        """(stop - first,) int64: rows of each held super-class among ``super_targets``."""
+        return torch.bincount(super_targets - self.first, minlength=self.stop - self.first)
+
+    def forward(self, features: torch.Tensor, super_targets: torch.Tensor, sub_targets: torch.Tensor, *,
+                divisor: float | torch.Tensor, feature_scale: float | torch.Tensor | None = None) -> SubTerms:
+        """The sub-class terms of rows whose super-classes are all held here.
+
+        Args:
+            features: (R, D) features of the rows.
+            super_targets: (R,) super-class of each row, in ``[first, stop)``.
+            sub_targets: (R,) local sub-class index of each row, in ``[0, k_s)``.
+            divisor: the CE sum of super-class ``s``'s rows is divided by ``divisor`` (a number) or by
+                ``divisor[s - first]`` (a tensor): the gradient of ``W_s`` is that weighted sum.
+            feature_scale: number or per-super-class tensor multiplying the gradient that flows back into the
+                features of ``s``'s rows (so the backbone may see another weighting than ``W_s``).
+        """
+        if features.ndim != 2 or features.shape != (super_targets.shape[0], self.feature_dim):
+            raise ValueError(f"features must be ({super_targets.shape[0]}, {self.feature_dim}), got "
+                             f"{tuple(features.shape)}")
+        if super_targets.numel() and (super_targets.min() < self.first or super_targets.max() >= self.stop):
+            raise ValueError(f"super_targets must be held here, in [{self.first}, {self.stop})")
+        if self.strategy == "grouped":
+            return self._grouped(features, super_targets, sub_targets, divisor, feature_scale)
+        local = super_targets - self.first
+        if isinstance(feature_scale, torch.Tensor):
+            feature_scale = feature_scale[local].unsqueeze(1).to(features.dtype)
+        logits = self._logits_padded(scale_grad(features, feature_scale), local)
+        ce = F.cross_entropy(logits, sub_targets, reduction="none")
+        loss = ce.sum() / divisor if not isinstance(divisor, torch.Tensor) else (ce / divisor[local]).sum()
+        return SubTerms(loss, ce.detach(), logits.argmax(dim=1) == sub_targets)
+
+    def _grouped(self, features: torch.Tensor, super_targets: torch.Tensor, sub_targets: torch.Tensor,
+                 divisor: float | torch.Tensor, feature_scale: float | torch.Tensor | None) -> SubTerms:
+        local = super_targets - self.first
+        order = torch.argsort(local, stable=True)
+        group_sizes = torch.bincount(local, minlength=self.stop - self.first).tolist()
+        per_group = isinstance(divisor, torch.Tensor)
+        divisors = divisor.tolist() if per_group else None
+        scales = feature_scale.tolist() if isinstance(feature_scale, torch.Tensor) else None
+        # One split of the flat weight (not one slice per group): its backward builds a single gradient.
+        weights, biases = self.sub_weight.split(self.owned_counts), self.sub_bias.split(self.owned_counts)
+        feature_groups = features[order].split(group_sizes)
+        target_groups = sub_targets[order].split(group_sizes)
+        loss = features.new_zeros((), dtype=torch.float32)
+        ce_parts, correct_parts = [], []
+        for s, size in enumerate(group_sizes):
+            if size == 0:
+                continue
+            rows = scale_grad(feature_groups[s], scales[s] if scales is not None else feature_scale)
+            logits = F.linear(rows, weights[s], biases[s])
+            ce = F.cross_entropy(logits, target_groups[s], reduction="none")
+            loss = loss + (ce.sum() / divisors[s] if per_group else ce.sum())
+            ce_parts.append(ce.detach())
+            correct_parts.append(logits.argmax(dim=1) == target_groups[s])
+        if not per_group:
+            loss = loss / divisor
+        ce_sorted = torch.cat(ce_parts) if ce_parts else features.new_zeros(0, dtype=torch.float32)
+        correct_sorted = torch.cat(correct_parts) if correct_parts else torch.zeros(0, dtype=torch.bool,
+                                                                                   device=features.device)
+        ce, correct = torch.empty_like(ce_sorted), torch.empty_like(correct_sorted)
+        ce[order], correct[order] = ce_sorted, correct_sorted
+        return SubTerms(loss, ce, correct)
+
+    def _logits_padded(self, features: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """(R, k_max) logits of each row's own sub-classifier, ``-inf`` beyond its ``k_s``."""
+        k_max = max(self.owned_counts)
+        columns = torch.arange(k_max, device=features.device)
+        sizes = self.sub_sizes[self.first:self.stop]
+        valid = columns < sizes[local].unsqueeze(1)
+        index = (self.sub_offsets[local].unsqueeze(1) + columns).where(valid, 0)
+        if self.strategy == "gather":
+            rows = self.sub_weight[index]  # (R, k_max, D)
+            logits = torch.einsum("bd,bkd->bk", features, rows) + self.sub_bias[index]
+        else:
+            logits = (F.linear(features, self.sub_weight, self.sub_bias)).gather(1, index)
+        return logits.masked_fill(~valid, float("-inf"))
+
+
+class HierarchicalHead(SubClassHeads):
+    """DeeperCluster's two-level head in one process: super-class classifier ``V`` and every sub-class
+    classifier (see the module docstring for the loss and the ``strategy`` choices). The trainer holds the two
+    parts apart (:class:`SuperClassHead` on every rank, :class:`SubClassHeads` sharded); this is the same
+    computation on one device.
+
+    Args:
+        feature_dim: dimension ``D`` of the backbone features.
+        sub_counts: ``k_s`` for every super-class ``s`` (length ``S``; :func:`rotation_sub_counts` builds
+            it from the level-2 counts per level-1 cluster). Every ``k_s`` must be >= 1.
+        strategy: how the sub-class logits are computed, one of :data:`SUB_STRATEGIES`.
+        grad_mean: how each ``W_s``'s gradient is averaged, one of :data:`GRAD_MEANS`.
+        generator: RNG of the weight initialisation (``None``: torch's global RNG): ``V``, then the seed of
+            the ``W_s``.
+
+    The ``state_dict`` holds the parameters only: a checkpoint must also record :attr:`sub_counts` to
+    rebuild a head of the right shape before loading it.
+    """
+
+    def __init__(self, feature_dim: int, sub_counts: Sequence[int], *, strategy: SubStrategy = "grouped",
+                 grad_mean: str = "batch", generator: torch.Generator | None = None) -> None:
+        if grad_mean not in GRAD_MEANS:
+            raise ValueError(f"grad_mean={grad_mean!r} is not one of {', '.join(GRAD_MEANS)}")
+        super().__init__(feature_dim, [1], strategy=strategy)
+        self.grad_mean = grad_mean
+        self.reinitialize(sub_counts, generator=generator)
 
     def reinitialize(self, sub_counts: Sequence[int], *, generator: torch.Generator | None = None) -> None:
         """Re-create ``V`` and every ``W_s`` for a new clustering with ``sub_counts[s]`` sub-classes.
@@ -233,19 +453,14 @@ class HierarchicalHead(nn.Module):
         counts = [int(count) for count in sub_counts]
         if not counts or min(counts) < 1:
             raise ValueError(f"sub_counts must be a non-empty list of counts >= 1, got {counts[:16]}")
-        device = self.sub_weight.device if hasattr(self, "sub_weight") else torch.device("cpu")
-        self.sub_counts = counts
+        device = self.sub_weight.device
         self.super_classifier = _linear(self.feature_dim, len(counts), generator).to(device)
-        weight = torch.empty(sum(counts), self.feature_dim).normal_(0.0, _INIT_STD, generator=generator)
-        self.sub_weight = nn.Parameter(weight.to(device))
-        self.sub_bias = nn.Parameter(torch.zeros(sum(counts), device=device))
-        offsets = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int64, device=device)
-        self.register_buffer("sub_offsets", offsets, persistent=False)
-        self.register_buffer("sub_sizes", torch.tensor(counts, dtype=torch.int64, device=device), persistent=False)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        self._build(counts, 0, len(counts), seed)
 
-    def forward(self, features: torch.Tensor, super_targets: torch.Tensor,
+    def forward(self, features: torch.Tensor, super_targets: torch.Tensor,  # type: ignore[override]
                 sub_targets: torch.Tensor) -> tuple[torch.Tensor, Stats]:
-        """Eq. 5 on a batch: mean super-class CE plus mean sub-class CE of each row's own super-class.
+        """Eq. 5 on a batch: mean super-class CE plus the sub-class CE of each row's own super-class.
 
         Args:
             features: (B, D) backbone features.
@@ -253,77 +468,38 @@ class HierarchicalHead(nn.Module):
             sub_targets: (B,) local level-2 index ``z_n`` in ``[0, k_{s_n})``.
 
         Returns:
-            The loss and stats ``loss``, ``loss_super``, ``loss_sub``, ``super_acc``, ``sub_acc`` (argmax of
-            the row's own sub-classifier), ``rotation_acc`` and ``cluster_acc`` (the rotation ``s % 4`` and
-            the level-1 cluster ``s // 4`` read from the predicted super-class).
+            The loss to back-propagate (with ``grad_mean="batch"``, Eq. 5's mean over the batch) and stats
+            ``loss`` (Eq. 5's value), ``loss_super``, ``loss_sub`` (mean over the batch), ``super_acc``,
+            ``sub_acc`` (argmax of the row's own sub-classifier), ``rotation_acc`` and ``cluster_acc``.
         """
-        self._check(features, super_targets, sub_targets)
-        super_logits = self.super_classifier(features)
-        loss_super = F.cross_entropy(super_logits, super_targets)
-        sub_loss_sum, sub_correct = self._sub_terms(features, super_targets, sub_targets)
-        loss_sub = sub_loss_sum / features.shape[0]
-        loss = loss_super + loss_sub
-        predicted = super_logits.argmax(dim=1)
-        stats = {
-            "loss": loss.detach(), "loss_super": loss_super.detach(), "loss_sub": loss_sub.detach(),
-            "super_acc": (predicted == super_targets).float().mean(),
-            "sub_acc": sub_correct.float() / features.shape[0],
-            "rotation_acc": (predicted % NUM_ROTATIONS == super_targets % NUM_ROTATIONS).float().mean(),
-            "cluster_acc": (predicted // NUM_ROTATIONS == super_targets // NUM_ROTATIONS).float().mean(),
-        }
-        return loss, stats
-
-    def _check(self, features: torch.Tensor, super_targets: torch.Tensor, sub_targets: torch.Tensor) -> None:
-        _check_targets(super_targets, self.num_super, "super_targets")
-        _check_targets(sub_targets, max(self.sub_counts), "sub_targets")
-        if sub_targets.shape != super_targets.shape:
-            raise ValueError(f"sub_targets {tuple(sub_targets.shape)} and super_targets "
-                             f"{tuple(super_targets.shape)} differ in shape")
+        self.check_targets(super_targets, sub_targets)
         _check_features(features, self.feature_dim, super_targets.shape[0])
-        too_big = sub_targets >= self.sub_sizes[super_targets]
-        if bool(too_big.any()):
-            row = int(too_big.nonzero()[0, 0])
-            raise ValueError(f"row {row}: sub-target {int(sub_targets[row])} >= k_s="
-                             f"{self.sub_counts[int(super_targets[row])]} of its super-class "
-                             f"{int(super_targets[row])}")
+        loss_super, stats = super_class_terms(self.super_classifier(features), super_targets)
+        batch = features.shape[0]
+        divisor, scale = sub_normalisation(self.grad_mean, self.group_sizes(super_targets), batch, batch)
+        terms = super().forward(features, super_targets, sub_targets, divisor=divisor, feature_scale=scale)
+        loss_sub = terms.ce.sum() / batch
+        stats |= {"loss": loss_super.detach() + loss_sub, "loss_sub": loss_sub,
+                  "sub_acc": terms.correct.float().sum() / batch}
+        return loss_super + terms.loss, stats
 
-    def _sub_terms(self, features: torch.Tensor, super_targets: torch.Tensor,
-                   sub_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum over rows of the sub-class CE, and the number of rows whose sub-class argmax is right."""
-        if self.strategy == "grouped":
-            return self._sub_grouped(features, super_targets, sub_targets)
-        logits = self._sub_logits_padded(features, super_targets)
-        loss_sum = F.cross_entropy(logits, sub_targets, reduction="sum")
-        return loss_sum, (logits.argmax(dim=1) == sub_targets).sum().detach()
 
-    def _sub_grouped(self, features: torch.Tensor, super_targets: torch.Tensor,
-                     sub_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        order = torch.argsort(super_targets, stable=True)
-        group_sizes = torch.bincount(super_targets, minlength=self.num_super).tolist()
-        # One split of the flat weight (not one slice per group): its backward builds a single gradient.
-        weights = self.sub_weight.split(self.sub_counts)
-        biases = self.sub_bias.split(self.sub_counts)
-        feature_groups = features[order].split(group_sizes)
-        target_groups = sub_targets[order].split(group_sizes)
-        loss_sum = features.new_zeros(())
-        correct = torch.zeros((), dtype=torch.int64, device=features.device)
-        for s, size in enumerate(group_sizes):
-            if size == 0:
-                continue
-            logits = F.linear(feature_groups[s], weights[s], biases[s])
-            loss_sum = loss_sum + F.cross_entropy(logits, target_groups[s], reduction="sum")
-            correct = correct + (logits.argmax(dim=1) == target_groups[s]).sum().detach()
-        return loss_sum, correct
+def sub_normalisation(grad_mean: str, group_sizes: torch.Tensor, batch: int, total: int,
+                      ) -> tuple[float | torch.Tensor, float | torch.Tensor | None]:
+    """``(divisor, feature_scale)`` for :meth:`SubClassHeads.forward` on the rows of one step.
 
-    def _sub_logits_padded(self, features: torch.Tensor, super_targets: torch.Tensor) -> torch.Tensor:
-        """(B, k_max) logits of each row's own sub-classifier, ``-inf`` beyond its ``k_s``."""
-        k_max = max(self.sub_counts)
-        columns = torch.arange(k_max, device=features.device)
-        valid = columns < self.sub_sizes[super_targets].unsqueeze(1)
-        index = (self.sub_offsets[super_targets].unsqueeze(1) + columns).where(valid, 0)
-        if self.strategy == "gather":
-            rows = self.sub_weight[index]  # (B, k_max, D)
-            logits = torch.einsum("bd,bkd->bk", features, rows) + self.sub_bias[index]
-        else:
-            logits = (F.linear(features, self.sub_weight, self.sub_bias)).gather(1, index)
-        return logits.masked_fill(~valid, float("-inf"))
+    Args:
+        grad_mean: one of :data:`GRAD_MEANS`.
+        group_sizes: rows of each held super-class over the whole step (every rank's rows).
+        batch: rows of one rank's batch (the backbone's gradient is the mean over them, before the data-parallel
+            average over ranks).
+        total: rows of the step over all ranks.
+
+    With ``batch`` the CE sums are divided by ``total`` (``W_s``'s gradient is the mean over every rank's rows,
+    as the data-parallel average of per-rank means is) and the features' gradient scaled back to the per-rank
+    mean; with ``superclass`` each super-class's CE sum is divided by its own row count.
+    """
+    if grad_mean == "batch":
+        return float(total), (total / batch if total != batch else None)
+    sizes = group_sizes.to(torch.float32)
+    return sizes.clamp(min=1.0), sizes / batch

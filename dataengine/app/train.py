@@ -64,8 +64,15 @@ def train(
     budget_clock: str = typer.Option("wall", "--budget-clock",
                                      help="What --time-budget counts: wall, or cpu (this process + workers)."),
     crop_scale: float = typer.Option(0.08, "--crop-scale", help="Smallest random crop, as a fraction of the area."),
+    sub_head_grad_mean: str = typer.Option("batch", "--sub-head-grad-mean",
+                                           help="Average each sub-class head's gradient over the batch, or over "
+                                                "the rows of its super-class (superclass, the reference code's)."),
     seed: int = typer.Option(0, "--seed", help="Seed of everything random."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every core)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (bfloat16 autocast)."),
+    compile_backbone: bool = typer.Option(False, "--compile", help="Run the backbone through torch.compile."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="BatchNorm statistics over every rank's rows."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
     dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
@@ -86,20 +93,21 @@ def train(
                             workers=workers, balanced_sampling=balanced, samples_per_epoch=samples_per_epoch,
                             buffer_size=shuffle_buffer, shards_in_flight=shards_in_flight, copy_spread=copy_spread),
             model=ModelConfig(arch=arch, sobel=sobel, dropout=dropout, init=init),
-            optim=OptimConfig(lr=lr, weight_decay=weight_decay),
+            optim=OptimConfig(lr=lr, weight_decay=weight_decay, sub_head_grad_mean=sub_head_grad_mean),
             clustering=ClusteringConfig(levels=parse_ints(levels, "--levels"), pca_dim=pca, whiten=whiten,
                                         sample_per_centroid=parse_ints(sample_per_centroid, "--sample-per-centroid"),
                                         max_sample_rows=max_sample_rows or None, nmi_average=nmi_average,
                                         features_from=features_from),
             schedule=ScheduleConfig(epochs=epochs, reassign_every=reassign_every, checkpoint_every=checkpoint_every,
                                     time_budget=time_budget, budget_clock=budget_clock),
-            distributed=DistributedConfig(num_threads=threads),
+            distributed=DistributedConfig(num_threads=threads, device=device, precision=precision,
+                                          compile=compile_backbone, sync_bn=sync_bn),
         )
         if dry_run:
             show_dry_run(_train_dry_run(config), as_json)
             return
-        # The trainer's tensors (gradients included) are on the CPU: gloo, whatever devices the machine has.
-        with process_group("cpu"), progress_bar(f"train {mode}", unit="steps") as update:
+        # The backend follows the device the trainer's tensors live on: NCCL for CUDA, gloo for the CPU.
+        with process_group(device), progress_bar(f"train {mode}", unit="steps") as update:
             def epoch_start(epoch: int, steps: int, done: int) -> None:
                 update(total=steps, completed=done, description=f"train {mode} epoch {epoch + 1}/{epochs}")
 
