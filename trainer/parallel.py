@@ -154,7 +154,8 @@ def sub_class_loss(heads: SubClassHeads, shards: HeadShards, features: torch.Ten
         counts = distributed.all_gather_counts(torch.bincount(owners, minlength=world), group)
         if bool((counts.sum(dim=1) != batch).any()):
             raise ValueError(f"every rank's batch must hold the same number of rows, got {counts.sum(1).tolist()}")
-        send, receive = counts[distributed.group_rank(group)].tolist(), counts[:, distributed.group_rank(group)].tolist()
+        rank = distributed.group_rank(group)
+        send, receive = counts[rank].tolist(), counts[:, rank].tolist()
         received = distributed.exchange_rows(features[order], send, receive, group)
         targets = distributed.exchange_rows(torch.stack([super_targets, sub_targets], 1)[order], send, receive, group)
         supers, subs = targets[:, 0], targets[:, 1]

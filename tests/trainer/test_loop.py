@@ -91,9 +91,10 @@ def test_other_modes_log_their_fields_and_checkpoint_their_head(shards, tmp_path
     from trainer.network import Network
 
     trained = sum(p.requires_grad for p in Network(_config(shards, tmp_path, mode=mode, levels=levels,
-                                                           features_from=init)).backbone.parameters()) + 2
-    momentum = state["optimizer"]["state"]
-    assert len(momentum) == trained and all("momentum_buffer" in entry for entry in momentum.values())
+                                                           features_from=init)).backbone.parameters())
+    for key, count in (("optimizer", trained), ("head_optimizer", 2)):  # the backbone's, then the head's
+        momentum = state[key]["state"]
+        assert len(momentum) == count and all("momentum_buffer" in entry for entry in momentum.values()), key
     assert state["clustering"] == ("" if mode == "rotnet" else "epoch000") and state["previous_clustering"] == ""
     if mode == "rotnet":
         assert not (tmp_path / mode / "features").exists()
@@ -132,7 +133,7 @@ def test_every_mode_learns_a_planted_task(mode, levels, one_torch_thread):
     """The loss of each mode, through the trainer's network, head and optimizer settings, goes to ~0 on one batch
     with planted targets (rotations drawn anew at every step), and every accuracy it reports reaches 1."""
     from trainer.labels import Labels
-    from trainer.network import Network, new_head
+    from trainer.network import Network
     from trainer.step import step_loss
 
     config = _config("-", "-", mode=mode, levels=levels, sobel=False, features_from="x")
@@ -143,7 +144,7 @@ def test_every_mode_learns_a_planted_task(mode, levels, one_torch_thread):
         labels = Labels("planted", classes, classes, np.zeros_like(classes), np.zeros(0, np.int64), 4)
     network = Network(config)
     if mode != "rotnet":
-        network.head = new_head(config, network.feature_dim, labels, 0)
+        network.set_heads(config, labels, 0)
     optim = config.optim
     optimizer = torch.optim.SGD(network.parameters(), lr=optim.lr, momentum=optim.momentum,
                                 weight_decay=optim.weight_decay)
@@ -158,6 +159,37 @@ def test_every_mode_learns_a_planted_task(mode, levels, one_torch_thread):
     assert losses[-1] < 0.1 * losses[0], losses
     assert {key: float(value) for key, value in stats.items() if key.endswith("_acc")} == {
         key: 1.0 for key in MODE_FIELDS[mode] if key.endswith("_acc")}
+
+
+def test_a_reassignment_keeps_the_backbone_momentum_and_renews_the_heads(shards, tmp_path, one_torch_thread):
+    """As in the reference code: the backbone's SGD state (momentum buffers) survives a re-clustering; only the
+    heads' optimizers are made anew, for the new heads' parameters."""
+    from trainer.loop import Trainer
+    from trainer.step import step_inputs
+
+    trainer = Trainer(_config(shards, tmp_path / "run"))  # SGD momentum 0.9
+    trainer.recluster(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for step in range(2):
+        trainer.train_step(*step_inputs(trainer.config, trainer.labels, images, torch.arange(16), 0, 0, step))
+    optimizers = trainer.optimizers
+    backbone = optimizers.backbone
+    before = {parameter: backbone.state[parameter]["momentum_buffer"].clone()
+              for parameter in trainer.network.backbone.parameters() if parameter.requires_grad}
+    assert before and all(bool(buffer.abs().sum() > 0) for buffer in before.values())
+    old_heads = [*trainer.network.head.parameters(), *trainer.network.sub_heads.parameters()]
+    assert all("momentum_buffer" in optimizers.head.state[p] for p in trainer.network.head.parameters())
+
+    trainer.recluster(1)
+    assert optimizers.backbone is backbone
+    for parameter, buffer in before.items():
+        assert torch.equal(backbone.state[parameter]["momentum_buffer"], buffer)
+    old = {id(parameter) for parameter in old_heads}
+    for name in ("head", "sub_heads"):
+        optimizer, parameters = getattr(optimizers, name), list(getattr(trainer.network, name).parameters())
+        assert not optimizer.state, name  # no momentum carried over to a new clustering's heads
+        held = [id(parameter) for parameter in optimizer.param_groups[0]["params"]]
+        assert held == [id(parameter) for parameter in parameters] and not set(held) & old, name
 
 
 def test_bad_configs_are_refused(shards, tmp_path):
@@ -264,13 +296,13 @@ def _data_parallel_reference(config: TrainConfig, world_size: int) -> tuple[dict
     from dataengine.shards import load_shard_set
     from trainer.augment import CropConfig
     from trainer.data import EpochPlan
-    from trainer.network import Network, new_head
+    from trainer.network import Network
     from trainer.recluster import Reclusterer
     from trainer.step import epoch_loader, step_loss
 
     labels = Reclusterer(config, 0, lambda _name: None).labels_of("epoch000")
     network = Network(config)
-    network.head = new_head(config, network.feature_dim, labels, 0)
+    network.set_heads(config, labels, 0)  # one process: every sub-class head
     optim = config.optim
     optimizer = torch.optim.SGD(network.parameters(), lr=optim.lr, momentum=optim.momentum,
                                 weight_decay=optim.weight_decay)
@@ -305,6 +337,11 @@ def test_two_gloo_ranks_hold_the_weights_of_a_data_parallel_reference(shards, tm
     initial, reference = _data_parallel_reference(config, 2)
     assert ranks[0].keys() == ranks[1].keys() == reference.keys()
     for name, expected in reference.items():
+        if name.startswith("sub_heads."):  # each rank holds its share of the sub-class heads; together the whole
+            assert ranks[0][name].shape[0] > 0 and ranks[1][name].shape[0] > 0, name
+            torch.testing.assert_close(torch.cat([ranks[0][name], ranks[1][name]]), expected, rtol=1e-5,
+                                       atol=1e-6, msg=name)
+            continue
         # Parameters only: BatchNorm running statistics are each rank's own (the checkpoint keeps rank 0's).
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         torch.testing.assert_close(ranks[0][name], expected, rtol=1e-5, atol=1e-6, msg=name)
@@ -315,7 +352,16 @@ def test_two_gloo_ranks_hold_the_weights_of_a_data_parallel_reference(shards, tm
     checkpoint = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     for name, tensor in ranks[0].items():
         part, key = name.split(".", 1)
-        assert torch.equal(checkpoint[part][key], tensor), name
+        if part != "sub_heads":
+            assert torch.equal(checkpoint[part][key], tensor), name
+    # The sub-class heads: one file per rank, named by the checkpoint, read back whole.
+    from trainer.checkpoint import load_sub_heads
+
+    reference = checkpoint["sub_heads"]
+    whole = load_sub_heads(str(tmp_path / "ddp"), reference, 0, len(reference["sub_counts"]))
+    for key in ("weight", "bias"):
+        name = f"sub_heads.sub_{key}"
+        assert torch.equal(whole[key], torch.cat([ranks[0][name], ranks[1][name]])), name
 
 
 def _flat_v1(config: TrainConfig) -> str:
