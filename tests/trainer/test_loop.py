@@ -248,8 +248,15 @@ def _run_ok(cmd: list[str], env: dict[str, str]) -> str:
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
+    """The backbone, the head and (DeeperCluster) the sub-class heads with their momentum, from a checkpoint."""
+    from trainer.checkpoint import load_sub_heads
+
     state = torch.load(path, weights_only=True)
-    return {**state["backbone"], **{f"head.{k}": v for k, v in state["head"].items()}}
+    weights = {**state["backbone"], **{f"head.{k}": v for k, v in state["head"].items()}}
+    if state.get("sub_heads"):
+        shards = load_sub_heads(os.path.dirname(path), state["sub_heads"], 0, len(state["sub_heads"]["sub_counts"]))
+        weights |= {f"sub_heads.{key}": value for key, value in shards.items() if value is not None}
+    return weights
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(shards, tmp_path):
@@ -269,7 +276,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(shards, tmp_path)
     assert state["epoch"] < 2, "the kill should land before the run ends"
     _run_ok(_train_cmd(shards, tmp_path / "cut"), env)
     reference, resumed = _weights(tmp_path / "ref" / "checkpoint.pt"), _weights(checkpoint)
-    assert reference.keys() == resumed.keys()
+    assert reference.keys() == resumed.keys() and {"sub_heads.weight", "sub_heads.momentum_weight"} <= set(reference)
     for name in reference:
         assert torch.equal(reference[name], resumed[name]), name
 
@@ -395,18 +402,33 @@ def test_a_run_folder_with_a_flat_version_1_configuration_resumes(shards, tmp_pa
         run_train(config, progress=_stop_after(4))  # the checkpoint of step 3 is on disk
     path = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
-    assert (state["epoch"], state["step"], state["version"]) == (0, 3, 2)
-    torch.save(dict(state, version=1, config=_flat_v1(config)), path)
+    assert (state["epoch"], state["step"], state["version"]) == (0, 3, 3)
+    torch.save(dict(_one_optimizer(state, config), version=1, config=_flat_v1(config)), path)
     resumed = run_train(config)
     expected, got = _weights(reference.checkpoint), _weights(resumed.checkpoint)
     assert all(torch.equal(expected[name], got[name]) for name in expected)
-    assert torch.load(path, weights_only=True)["version"] == 2
+    assert torch.load(path, weights_only=True)["version"] == 3
+
+
+def _one_optimizer(state: dict, config: TrainConfig) -> dict:
+    """``state`` with its optimizers as versions 1 and 2 stored them: one SGD over every backbone parameter
+    (the fixed Sobel layer's too, without momentum) then the head's."""
+    from trainer.network import Network
+
+    backbone, head = state["optimizer"], state["head_optimizer"]
+    parameters = list(Network(config).backbone.parameters())
+    trained = [index for index, parameter in enumerate(parameters) if parameter.requires_grad]
+    entries = {trained[new]: entry for new, entry in backbone["state"].items()}
+    entries |= {len(parameters) + new: entry for new, entry in head["state"].items()}
+    group = dict(backbone["param_groups"][0], params=list(range(len(parameters) + 2)))
+    legacy = {key: value for key, value in state.items() if key != "head_optimizer"}
+    return legacy | {"optimizer": {"state": entries, "param_groups": [group]}}
 
 
 @pytest.mark.parametrize("change, match", [
     (dict(version=1, config=json.dumps({"shards": "x", "out": "y", "learning_rate": 0.1})),
      "stored configuration \\(checkpoint version 1, one flat mapping\\) cannot be read.*learning_rate"),
-    (dict(version=3), "version 3; this trainer reads versions 1 and 2"),
+    (dict(version=4), "version 4; this trainer reads versions 1 to 3"),
     (dict(format="something.else"), "is not a trainer checkpoint"),
 ])
 def test_an_unreadable_checkpoint_is_refused_with_what_is_wrong(shards, tmp_path, change, match):
