@@ -250,11 +250,13 @@ def _run_ok(cmd: list[str], env: dict[str, str]) -> str:
 def _weights(path) -> dict[str, torch.Tensor]:
     """The backbone, the head and (DeeperCluster) the sub-class heads with their momentum, from a checkpoint."""
     from trainer.checkpoint import load_sub_heads
+    from trainer.run_folder import RunFolder
 
     state = torch.load(path, weights_only=True)
     weights = {**state["backbone"], **{f"head.{k}": v for k, v in state["head"].items()}}
     if state.get("sub_heads"):
-        shards = load_sub_heads(os.path.dirname(path), state["sub_heads"], 0, len(state["sub_heads"]["sub_counts"]))
+        folder = RunFolder(os.path.dirname(path))
+        shards = load_sub_heads(folder, state["sub_heads"], 0, len(state["sub_heads"]["sub_counts"]))
         weights |= {f"sub_heads.{key}": value for key, value in shards.items() if value is not None}
     return weights
 
@@ -363,9 +365,10 @@ def test_two_gloo_ranks_hold_the_weights_of_a_data_parallel_reference(shards, tm
             assert torch.equal(checkpoint[part][key], tensor), name
     # The sub-class heads: one file per rank, named by the checkpoint, read back whole.
     from trainer.checkpoint import load_sub_heads
+    from trainer.run_folder import RunFolder
 
     reference = checkpoint["sub_heads"]
-    whole = load_sub_heads(str(tmp_path / "ddp"), reference, 0, len(reference["sub_counts"]))
+    whole = load_sub_heads(RunFolder(str(tmp_path / "ddp")), reference, 0, len(reference["sub_counts"]))
     for key in ("weight", "bias"):
         name = f"sub_heads.sub_{key}"
         assert torch.equal(whole[key], torch.cat([ranks[0][name], ranks[1][name]])), name

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.checkpoint import load_sub_heads, save_sub_heads
+from trainer.run_folder import RunFolder
 from trainer.losses import GRAD_MEANS, SubClassHeads
 from trainer.parallel import HeadShards, SyncBatchNorm, sub_class_loss
 
@@ -205,7 +206,7 @@ def test_shard_checkpoints_are_read_back_under_another_number_of_ranks(tmp_path)
     for rank in range(3):
         first, stop = written.owned(rank)
         rows = slice(offsets[first], offsets[stop])
-        save_sub_heads(str(tmp_path), "00000007", rank, {
+        save_sub_heads(RunFolder(str(tmp_path)), "00000007", rank, {
             "first": first, "stop": stop, "weight": whole.sub_weight.detach()[rows],
             "bias": whole.sub_bias.detach()[rows], "momentum_weight": momentum[rows], "momentum_bias": None})
     reference = {"tag": "00000007", "bounds": list(written.bounds), "sub_counts": COUNTS}
@@ -213,7 +214,7 @@ def test_shard_checkpoints_are_read_back_under_another_number_of_ranks(tmp_path)
         shards = HeadShards.plan(COUNTS, world)
         for rank in range(world):
             first, stop = shards.owned(rank)
-            got = load_sub_heads(str(tmp_path), reference, first, stop)
+            got = load_sub_heads(RunFolder(str(tmp_path)), reference, first, stop)
             rows = slice(offsets[first], offsets[stop])
             assert torch.equal(got["weight"], whole.sub_weight.detach()[rows])
             assert torch.equal(got["momentum_weight"], momentum[rows]) and got["momentum_bias"] is None
