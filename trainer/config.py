@@ -118,7 +118,7 @@ class OptimConfig:
     """SGD momentum."""
     weight_decay: float = 1e-5
     """SGD weight decay."""
-    sub_head_grad_mean: str = "batch"
+    sub_head_grad_mean: str = "superclass"
     """DeeperCluster: the gradient of each sub-class head ``W_s`` is the mean over the batch's rows (``batch``,
     Eq. 5 as written) or over the rows of its own super-class (``superclass``, as the reference code's
     communication groups compute it; ``W_s`` then learns about ``4m`` times faster). The backbone's is the

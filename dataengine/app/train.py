@@ -64,7 +64,7 @@ def train(
     budget_clock: str = typer.Option("wall", "--budget-clock",
                                      help="What --time-budget counts: wall, or cpu (this process + workers)."),
     crop_scale: float = typer.Option(0.08, "--crop-scale", help="Smallest random crop, as a fraction of the area."),
-    sub_head_grad_mean: str = typer.Option("batch", "--sub-head-grad-mean",
+    sub_head_grad_mean: str = typer.Option("superclass", "--sub-head-grad-mean",
                                            help="Average each sub-class head's gradient over the batch, or over "
                                                 "the rows of its super-class (superclass, the reference code's)."),
     seed: int = typer.Option(0, "--seed", help="Seed of everything random."),

@@ -338,7 +338,8 @@ def _data_parallel_reference(config: TrainConfig, world_size: int) -> tuple[dict
 
 def test_two_gloo_ranks_hold_the_weights_of_a_data_parallel_reference(shards, tmp_path, free_port,
                                                                      one_torch_thread):
-    config = _config(shards, tmp_path / "ddp", epochs=1, samples_per_epoch=320)
+    # The reference averages each rank's gradients, Eq. 5 as written: the sub-class heads' too (batch).
+    config = _config(shards, tmp_path / "ddp", epochs=1, samples_per_epoch=320, sub_head_grad_mean="batch")
     torch.multiprocessing.spawn(_rank_main, args=(2, free_port, config), nprocs=2, join=True)
     (record,) = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert record["steps"] >= 4 and record["clustering_name"] == "epoch000"
