@@ -27,6 +27,7 @@ from dataengine.clustering import (
     ClusteringWriter, clustering_attrs, latest_clustering, open_clustering,
 )
 from dataengine.errors import OutputExistsError
+from dataengine.locks import locked_output
 from dataengine.store import FeatureStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def _finished(store: FeatureStore, config: ClusterConfig) -> ClusterResult | Non
         differing = sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
         what = ", ".join(differing) if differing else "origin: its rows were assigned with another store's clustering"
         raise OutputExistsError(f"clustering {config.name!r} already exists in {store.url} with another "
-                                f"configuration (differs in {what}); use --overwrite or another --name")
+                                f"configuration (differs in {what}); use --overwrite or another --clustering name")
     logger.info("clustering %r in %s is already complete with this configuration; nothing to do",
                 config.name, store.url)
     recorded_summary = {k: v for k, v in attrs["summary"].items() if k != "num_leaf_clusters"}  # a property
@@ -216,12 +217,25 @@ def run_cluster(config: ClusterConfig, progress: Callable[[int], None] | None = 
             created there).
         OutputExistsError: a complete clustering of that name with another configuration (and no overwrite).
         IncompleteOutputError: a valid row ended without a cluster (the clustering is then not marked complete).
+        OutputLockedError: another run is writing the store (rank 0 holds its lock for every rank).
     """
     from indexes.distributed import LocalReducer
+
+    reducer = reducer or LocalReducer()
+    with locked_output(config.store, config.storage_options, rank=reducer.rank,
+                       all_true=_all_true(reducer) if reducer.world_size > 1 else None):
+        return _run_cluster(config, progress, reducer)
+
+
+def _all_true(reducer: Any) -> Callable[[bool], bool]:
+    """All-true over the reducer's ranks."""
+    return lambda ok: int(reducer.all_reduce_sum(np.array([0 if ok else 1], dtype=np.int64))[0]) == 0
+
+
+def _run_cluster(config: ClusterConfig, progress: Callable[[int], None] | None, reducer: Any) -> ClusterResult:
     from indexes.threads import set_num_threads
 
     start = time.perf_counter()
-    reducer = reducer or LocalReducer()
     store = open_store(config.store, config.storage_options)
     done = _finished(store, config)
     if done is not None:
@@ -441,12 +455,21 @@ def assign_store(store_url: str, name: str, features_url: str,
     clustering of that name there).
 
     Returns the cluster sizes per level of the assigned rows.
+
+    Raises:
+        OutputLockedError: another run is writing ``features_url``.
     """
     store = open_store(store_url, storage_options)
     clustering = open_clustering(store, name)
     target = open_store(features_url, storage_options)
     if target.dim != store.dim:
         raise ValueError(f"{features_url} has {target.dim}-d features, the clustering expects {store.dim}")
+    with locked_output(features_url, storage_options):
+        return _assign(store, store_url, name, clustering, features_url, storage_options)
+
+
+def _assign(store: FeatureStore, store_url: str, name: str, clustering: Any, features_url: str,
+            storage_options: dict[str, Any] | None) -> list[np.ndarray]:
     target = open_store(features_url, storage_options, mode="r+")
     chunk = target.features.chunks[0]
     parts = [assign_rows(store, name, target.features[i:i + chunk]) for i in range(0, target.num_rows, chunk)]

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from dataengine.errors import InputUnusableError, OutputExistsError
-from dataengine.fs import is_remote, open_input, url_to_fs, with_storage_defaults
+from dataengine.fs import create_private, is_remote, open_input, url_to_fs, with_storage_defaults
+from dataengine.locks import locked_output
 from dataengine.store import FeatureStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -119,22 +120,24 @@ def run_export(config: ExportConfig, progress: Callable[[int], None] | None = No
         IncompleteOutputError: the store is not complete.
         InputUnusableError: the source metadata does not match the store (other rows or another input).
         OutputExistsError: ``out`` holds another export (and not ``overwrite``).
+        OutputLockedError: another run is writing ``out``.
     """
     import time
 
     start = time.perf_counter()
     store = open_store(config.store, config.storage_options)
     plan = _plan(config, store)
-    existing = _existing_metadata(config.out, config.storage_options)
-    if existing is not None:
-        if existing == json.loads(json.dumps(plan.metadata, sort_keys=True)):
-            logger.info("%s already holds this export; nothing to do", config.out)
-            return _result(config, start, skipped=True)
-        if not config.overwrite:
-            raise OutputExistsError(f"{config.out} holds another export (other store, clusterings or options); "
-                                    "use another --out or --overwrite")
-    _write(config, store, plan, progress)
-    return _result(config, start)
+    with locked_output(config.out, config.storage_options, file=True):
+        existing = _existing_metadata(config.out, config.storage_options)
+        if existing is not None:
+            if existing == json.loads(json.dumps(plan.metadata, sort_keys=True)):
+                logger.info("%s already holds this export; nothing to do", config.out)
+                return _result(config, start, skipped=True)
+            if not config.overwrite:
+                raise OutputExistsError(f"{config.out} holds another export (other store, clusterings or "
+                                        "options); use another --out or --overwrite")
+        _write(config, store, plan, progress)
+        return _result(config, start)
 
 
 @dataclass
@@ -374,7 +377,7 @@ class _atomic_output:
             self.handle = fsspec.open(self.url, "wb", **with_storage_defaults(self.url, self.storage_options)).open()
         else:
             os.makedirs(os.path.dirname(os.path.abspath(self.url)), exist_ok=True)
-            self.handle = open(self.partial, "wb")
+            self.handle = create_private(self.partial)  # a new file, never through a planted symlink
         return self.handle
 
     def __exit__(self, kind: Any, *exc: Any) -> None:

@@ -3,19 +3,28 @@
 Every stage reads and writes through :class:`Location`, so the same code writes shards to a local folder or
 to ``s3://bucket/prefix``. Publishing is atomic: locally a file is written under a temporary name and renamed;
 on object storage a single PUT (or a completed multipart upload) makes an object visible all at once.
+
+Files are built in a scratch folder private to the run (:meth:`Location.scratch_dir`): ``mkdtemp`` (mode 0700,
+an unpredictable name) inside a local output's ``.tmp`` (same filesystem, so publishing is a rename), or
+under ``TMPDIR`` for a remote output; files in it are created with ``O_EXCL | O_NOFOLLOW``
+(:func:`create_private`), so a name planted by another user is never followed nor reused. Scratch folders
+of runs whose process is gone (same host) are removed when the output's lock is next taken.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
 import posixpath
+import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from dataengine.errors import InputCorruptError, InputUnusableError
+from dataengine.errors import InputCorruptError, InputUnusableError, StorageConfigError
 
 if TYPE_CHECKING:
     import fsspec
@@ -78,10 +87,121 @@ def with_storage_defaults(url: str, storage_options: dict[str, Any] | None = Non
 
 
 def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple["fsspec.AbstractFileSystem", str]:
-    """Return the filesystem and the protocol-less path of ``url`` (with :func:`with_storage_defaults`)."""
+    """Return the filesystem and the protocol-less path of ``url`` (with :func:`with_storage_defaults`).
+
+    Raises:
+        StorageConfigError: ``storage_options`` has a key the filesystem does not take.
+    """
     from fsspec.core import url_to_fs as _url_to_fs
 
-    return _url_to_fs(url, **with_storage_defaults(url, storage_options))
+    try:
+        fs, path = _url_to_fs(url, **with_storage_defaults(url, storage_options))
+    except TypeError as exc:
+        raise StorageConfigError(f"--storage-options for {url}: {exc}") from exc
+    check_storage_options(fs, url)
+    return fs, path
+
+
+def check_storage_options(fs: "fsspec.AbstractFileSystem", url: str) -> None:
+    """Raise :class:`StorageConfigError` for options that the filesystem keeps for later and would refuse only
+    at its first request (s3fs hands unknown keys to its botocore session)."""
+    extra = getattr(fs, "kwargs", None)
+    if not extra or fs.protocol[0] not in ("s3", "s3a"):
+        return
+    import inspect
+
+    from aiobotocore.session import AioSession
+
+    accepted = set(inspect.signature(AioSession.__init__).parameters) - {"self"}
+    unknown = sorted(set(extra) - accepted)
+    if unknown:
+        raise StorageConfigError(f"--storage-options for {url}: unknown key(s) {', '.join(map(repr, unknown))} "
+                                 "(see s3fs.S3FileSystem for the keys it takes)")
+
+
+def create_private(path: str, buffering: int = -1) -> IO[bytes]:
+    """Open a new file for writing, refusing an existing name (even a dangling symlink) and never following one:
+    ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "wb", buffering=buffering)
+
+
+# ------------------------------------------------------------------------------------------ scratch folders
+
+SCRATCH_PREFIX = "dataengine-"
+# Output URL -> (this process's private scratch folder, the pid that made it). A forked child inherits the
+# table but must not remove its parent's folders at exit.
+_scratch: dict[str, tuple[str, int]] = {}
+
+
+def _output_key(url: str) -> str:
+    """``url`` spelled as :class:`Location` spells it (absolute local path, remote URL without a final /)."""
+    return url.rstrip("/") if is_remote(url) else os.path.abspath(url.removeprefix("file://"))
+
+
+def _scratch_parent(url: str) -> str | None:
+    """Where the scratch folders of output ``url`` live: ``.tmp`` inside a local output, TMPDIR otherwise."""
+    return os.path.join(_output_key(url), ".tmp") if not is_remote(url) else None
+
+
+def scratch_for(url: str) -> str:
+    """This run's private scratch folder for output ``url`` (made on first use; unique per process)."""
+    made = _scratch.get(_output_key(url))
+    if made is not None and made[1] == os.getpid() and os.path.isdir(made[0]):
+        return made[0]
+    import tempfile
+
+    parent = _scratch_parent(url)
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=parent)
+    if not _scratch:
+        atexit.register(_remove_all_scratch)
+    _scratch[_output_key(url)] = (path, os.getpid())
+    return path
+
+
+def remove_scratch(url: str) -> None:
+    """Remove this process's scratch folder of output ``url`` (and a local output's ``.tmp`` once empty)."""
+    made = _scratch.pop(_output_key(url), None)
+    if made is None or made[1] != os.getpid():
+        return
+    shutil.rmtree(made[0], ignore_errors=True)
+    parent = _scratch_parent(url)
+    if parent is not None:
+        try:
+            os.rmdir(parent)
+        except OSError:
+            pass
+
+
+def _remove_all_scratch() -> None:
+    for url in list(_scratch):
+        remove_scratch(url)
+
+
+def remove_dead_scratch(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Remove the scratch folders that runs on this host left behind when they died (their pid is gone)."""
+    import psutil
+
+    parent = _scratch_parent(url)
+    if parent is None:
+        import tempfile
+
+        parent = tempfile.gettempdir()
+    host = socket.gethostname()
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(f"{SCRATCH_PREFIX}{host}-"):
+            continue
+        pid = name[len(SCRATCH_PREFIX) + len(host) + 1:].split("-", 1)[0]
+        path = os.path.join(parent, name)
+        if pid.isdigit() and not psutil.pid_exists(int(pid)) and os.path.isdir(path) and not os.path.islink(path) \
+                and os.stat(path).st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def join(base: str, *parts: str) -> str:
@@ -233,8 +353,8 @@ class Location:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             # The temporary lives in the scratch folder (same filesystem, so the rename is atomic), so a
             # kill mid-write leaves no stray file next to the outputs.
-            tmp = os.path.join(self.scratch_dir(), f"atomic-{os.getpid()}-{uuid.uuid4().hex}")
-            with open(tmp, "wb") as handle:
+            tmp = os.path.join(self.scratch_dir(), f"atomic-{uuid.uuid4().hex}")
+            with create_private(tmp) as handle:
                 handle.write(data)
             os.replace(tmp, target)
         else:
@@ -261,14 +381,6 @@ class Location:
             self.fs.rm(self.path(rel))
 
     def scratch_dir(self) -> str:
-        """A local folder for files being built before they are published (``.tmp`` inside local outputs)."""
-        if self.local:
-            path = os.path.join(self.root, ".tmp")
-        else:
-            import hashlib
-            import tempfile
-
-            digest = hashlib.sha1(self.url.encode()).hexdigest()[:12]
-            path = os.path.join(tempfile.gettempdir(), f"dataengine-{digest}")
-        os.makedirs(path, exist_ok=True)
-        return path
+        """This run's private folder for files being built before they are published (see the module
+        docstring)."""
+        return scratch_for(self.url)

@@ -115,6 +115,7 @@ def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_onl
     import zarr.storage
 
     if is_remote(url):
+        url_to_fs(url, storage_options)  # an unknown storage option is a one-line error now, not at a first read
         return zarr.storage.FsspecStore.from_url(url, storage_options=with_storage_defaults(url, storage_options),
                                                  read_only=read_only)
     return zarr.storage.LocalStore(os.path.abspath(url.removeprefix("file://")), read_only=read_only)

@@ -28,6 +28,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import IO
 
+from dataengine.fs import create_private
+
 BLOCK = 512
 MAX_EXTENDED_BYTES = 1 << 20
 """Largest GNU long-name or pax header accepted (real ones hold a path of a few hundred bytes)."""
@@ -250,7 +252,7 @@ class TarWriter:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._file = open(path, "wb", buffering=1 << 20)
+        self._file = create_private(path, buffering=1 << 20)  # new file only, never through a symlink
         self._hasher = hashlib.sha256()
         self.offset = 0
 

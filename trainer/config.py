@@ -51,7 +51,8 @@ class DataConfig:
     batch_size: int = 64
     """Samples per step and rank."""
     workers: int = 1
-    """DataLoader workers per rank (decoding, augmentation)."""
+    """Processes decoding images (DataLoader workers, which also augment them), per rank; 0: in the training
+    process."""
     buffer_size: int = 2048
     """Shuffle buffer of the balanced stream (input samples per block)."""
     shards_in_flight: int = 32

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from dataengine.locks import check_output_path, locked_output
 from dataengine.models import resolve_device
 from dataengine.shards import load_shard_set
 from indexes import distributed
@@ -132,7 +133,6 @@ class Trainer:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.device = resolve_device(config.distributed.device)
         self.folder = RunFolder(config.out, config.data.storage_options)
-        self.folder.make()
         register_fsspec_opener(config.data.storage_options)
         self.shard_set = load_shard_set(config.data.shards, config.data.storage_options)
         self.network = Network(config)
@@ -410,6 +410,7 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train until ``epochs`` (or the time budget), resuming from ``RUN/checkpoint.pt`` if present."""
         start = time.perf_counter()
+        self.folder.make()  # only now: the inputs were checked in the constructor
         if self.rank == 0:
             self.folder.remove_leftovers()
         if self._resume():
@@ -450,11 +451,19 @@ def run_train(config: TrainConfig, progress: Callable[[int], None] | None = None
 
     ``progress`` is called with 1 after every step; ``epoch_start(epoch, steps, done)`` as each epoch's training
     starts, with its number of steps and those already done (a resumed epoch).
+
+    Raises:
+        OutputUnusableError: ``out`` is a file, lies under a file, or is not writable.
+        OutputLockedError: another run is writing ``out`` (rank 0 holds its lock for every rank).
     """
     from indexes.threads import set_num_threads
 
+    check_output_path(config.out)
     set_num_threads(config.distributed.num_threads)
-    return Trainer(config, progress, milestone, epoch_start).run()
+    trainer = Trainer(config, progress, milestone, epoch_start)  # checks the inputs; creates nothing
+    with locked_output(config.out, config.data.storage_options, rank=trainer.rank,
+                       all_true=distributed.all_true if trainer.world_size > 1 else None):
+        return trainer.run()
 
 
 def _cpu(value: Any) -> Any:

@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from dataengine.app.cli import app, console, emit_summary, fail, print_table, progress_bar
+from dataengine.app.cli import app, console, emit_summary, print_table, progress_bar
+from dataengine.app.options import Json, Overwrite, StorageOptions
 
 
 def print_curate_summary(result: dict[str, Any]) -> None:
@@ -55,26 +56,22 @@ def curate(
     dedup_memory_gb: float = typer.Option(1.0, "--dedup-memory-gb", help="Vectors held at once while deduplicating."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per output shard."),
     shards: Optional[str] = typer.Option(None, "--shards", help="Ingest output of the store (default: recorded)."),
-    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a curation made with another configuration."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+    storage_options: StorageOptions = None,
+    overwrite: Overwrite = False,
+    as_json: Json = False,
 ) -> None:
     """Write a seeded subset of a clustered collection (optionally without near-duplicates) as a new shard set."""
     from dataengine.curate import CurateConfig, run_curate
-    from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
 
-    try:
-        config = CurateConfig(
-            store=store, clustering=clustering, out=out, shards=shards, strategy=strategy, total=total,
-            per_cluster=per_cluster, level=level, seed=seed, dedup_threshold=dedup_threshold, dedup_space=dedup_space,
-            dedup_memory_bytes=int(dedup_memory_gb * (1 << 30)), shard_size=shard_size,
-            storage_options=parse_storage_options(storage_options), overwrite=overwrite,
-        )
-        with progress_bar("curate rows") as update:
-            result = run_curate(config, progress=update)
-    except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
-        fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+    config = CurateConfig(
+        store=store, clustering=clustering, out=out, shards=shards, strategy=strategy, total=total,
+        per_cluster=per_cluster, level=level, seed=seed, dedup_threshold=dedup_threshold, dedup_space=dedup_space,
+        dedup_memory_bytes=int(dedup_memory_gb * (1 << 30)), shard_size=shard_size,
+        storage_options=parse_storage_options(storage_options), overwrite=overwrite,
+    )
+    with progress_bar("curate rows") as update:
+        result = run_curate(config, progress=update)
     print_curate_summary(result.to_dict())
     console.print(f"{result.out}: {result.num_selected} samples in {result.num_shards} shards, "
                   f"{result.seconds:.1f} s" + (f" ({result.resumed_shards} shards already done)"

@@ -15,8 +15,9 @@ from typing import Any, Optional
 
 import typer
 
-from dataengine.app.cli import app, console, emit_summary, fail, print_table
+from dataengine.app.cli import app, console, emit_summary, print_table
 from dataengine.app.curate import print_curate_summary
+from dataengine.app.options import Json
 
 logger = logging.getLogger(__name__)
 
@@ -149,19 +150,16 @@ def demo(
     out: str = typer.Option("demo-out", "--out", help="Folder for every stage's output."),
     num_images: int = typer.Option(1500, "--num-images", help="Photos in the synthetic corpus."),
     seed: int = typer.Option(0, "--seed", help="Seed of the corpus and every stage."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: all cores)."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes decoding images in the ingest "
+                                          "stage (0: in this process). Default: every core."),
+    as_json: Json = False,
 ) -> None:
     """Generate the synthetic YFCC-like corpus and run the pipeline on it, printing a summary."""
-    from dataengine.errors import DataEngineError
 
-    try:
-        config = DemoConfig(out=out, num_images=num_images, seed=seed,
-                            workers=(os.cpu_count() or 1) if workers is None else workers)
-        with console.status("running the demo pipeline ..."):
-            result = run_demo(config)
-    except (ValueError, DataEngineError) as exc:
-        fail(str(exc))
+    config = DemoConfig(out=out, num_images=num_images, seed=seed,
+                        workers=(os.cpu_count() or 1) if workers is None else workers)
+    with console.status("running the demo pipeline ..."):
+        result = run_demo(config)
     rows = [[name, f"{s['seconds']:.1f}", s.get("path", "")] for name, s in result.stages.items()]
     print_table(f"demo finished in {result.seconds:.1f} s", ["stage", "seconds", "output"], rows)
     if "curate" in result.stages:

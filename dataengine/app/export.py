@@ -6,12 +6,14 @@ from typing import List, Optional
 
 import typer
 
-from dataengine.app.cli import app, console, emit_summary, fail, progress_bar
+from dataengine.app.cli import app, console, emit_summary, progress_bar
+from dataengine.app.options import Json, Overwrite, StorageOptions
 
 
 @app.command()
 def export(
-    store: str = typer.Argument(..., help="Feature store written by `dataengine embed`, local path or s3://."),
+    store: str = typer.Argument(..., metavar="STORE",
+                                help="Feature store written by `dataengine embed`, local path or s3://."),
     out: str = typer.Option(..., "--out", help="Parquet file to write, local path or s3:// URL."),
     clustering: Optional[List[str]] = typer.Option(None, "--clustering", help="Clustering whose levels become "
                                                    "columns level0, level1... (repeatable: NAME_level0...)."),
@@ -22,23 +24,19 @@ def export(
                                          "(default: the store's recorded source)."),
     block_rows: Optional[int] = typer.Option(None, "--block-rows", help="Rows per block and row group "
                                              "(default: about 16 MiB of features)."),
-    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a file holding another export."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+    storage_options: StorageOptions = None,
+    overwrite: Overwrite = False,
+    as_json: Json = False,
 ) -> None:
     """Export keys, metadata, cluster ids per level (and features) to Parquet for pandas, polars, duckdb."""
-    from dataengine.errors import DataEngineError
     from dataengine.export import ExportConfig, run_export
     from dataengine.fs import parse_storage_options
 
-    try:
-        config = ExportConfig(store=store, out=out, clusterings=tuple(clustering or ()), features=features,
-                              source_metadata=source_metadata, shards=shards, block_rows=block_rows,
-                              overwrite=overwrite, storage_options=parse_storage_options(storage_options))
-        with progress_bar("export rows") as update:
-            result = run_export(config, progress=update)
-    except (ValueError, KeyError, FileNotFoundError, DataEngineError) as exc:
-        fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+    config = ExportConfig(store=store, out=out, clusterings=tuple(clustering or ()), features=features,
+                          source_metadata=source_metadata, shards=shards, block_rows=block_rows,
+                          overwrite=overwrite, storage_options=parse_storage_options(storage_options))
+    with progress_bar("export rows") as update:
+        result = run_export(config, progress=update)
     done = "already exported" if result.skipped else f"{result.row_groups} row groups in {result.seconds:.1f} s"
     console.print(f"{out}: {result.num_rows} rows x {result.num_columns} columns ({', '.join(result.columns)}), "
                   f"{result.bytes / 1e6:.1f} MB, {done}", soft_wrap=True)

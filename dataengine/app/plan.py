@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from dataengine.app.cli import app, console, emit_summary, fail, print_table
+from dataengine.app.cli import app, console, emit_summary, parse_ints, print_table
+from dataengine.app.options import Json
 
 if TYPE_CHECKING:
     from dataengine.dryrun import DryRun
@@ -32,13 +33,6 @@ def _duration(seconds: float | None) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
-
-
-def _levels(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--levels must be comma-separated integers like 4,256, got {text!r}") from None
 
 
 def print_plans(plans: list, title: str) -> None:
@@ -92,22 +86,19 @@ def plan(
     storage: str = typer.Option("local", "--storage", help="Where outputs live: local or s3."),
     calibration: Optional[str] = typer.Option(None, "--calibration",
                                               help="Calibration file written by tools/bench_*.py --calibrate."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+    as_json: Json = False,
 ) -> None:
     """Print, per stage, the expected wall time, peak memory per process, disk and object-storage bytes."""
     from dataengine.plan import PlanConfig, load_calibration, plan_run
 
-    try:
-        config = PlanConfig(
-            num_images=images, nodes=nodes, cores=cores or os.cpu_count() or 1, gpus=gpus, model=model,
-            image_size=image_size, dim=dim, levels=_levels(levels), pca_dim=pca or None,
-            num_iterations=niter, sample_per_centroid=sample_per_centroid, neighbor_index=neighbor_index,
-            index_memory_bytes=int(index_memory_gb * (1 << 30)), epochs=epochs, reassign_every=reassign_every,
-            train_arch=arch, train_image_size=train_image_size, storage=storage,
-        )
-        rates = load_calibration(calibration)
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
+    config = PlanConfig(
+        num_images=images, nodes=nodes, cores=cores or os.cpu_count() or 1, gpus=gpus, model=model,
+        image_size=image_size, dim=dim, levels=parse_ints(levels, "--levels"), pca_dim=pca or None,
+        num_iterations=niter, sample_per_centroid=sample_per_centroid, neighbor_index=neighbor_index,
+        index_memory_bytes=int(index_memory_gb * (1 << 30)), epochs=epochs, reassign_every=reassign_every,
+        train_arch=arch, train_image_size=train_image_size, storage=storage,
+    )
+    rates = load_calibration(calibration)
     plans = plan_run(config, rates)
     known = [p.seconds for p in plans if p.seconds is not None]
     total = sum(known) if len(known) == len(plans) else None

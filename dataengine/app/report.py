@@ -6,12 +6,14 @@ from typing import List, Optional
 
 import typer
 
-from dataengine.app.cli import app, console, emit_summary, fail, print_table, progress_bar
+from dataengine.app.cli import app, console, emit_summary, print_table, progress_bar
+from dataengine.app.options import Json, StorageOptions
 
 
 @app.command()
 def report(
-    store: str = typer.Argument(..., help="Feature store (written by `dataengine embed`), local path or s3://."),
+    store: str = typer.Argument(..., metavar="STORE", help="Feature store (written by `dataengine embed`), local "
+                                "path or s3://."),
     clustering: str = typer.Option(..., "--clustering", help="Name of the clustering to report on."),
     out: str = typer.Option(..., "--out", help="Output folder for index.html, report.json, plots and grids."),
     compare: Optional[List[str]] = typer.Option(None, "--compare", help="Another clustering (repeatable): NMI "
@@ -26,25 +28,21 @@ def report(
     seed: int = typer.Option(0, "--seed", help="Seed of the chance levels and of the photos shown."),
     nmi_average: str = typer.Option("geometric", "--nmi-average", help="Normalisation of the NMI: geometric "
                                     "(I/sqrt(H(A)H(B)), DeepCluster's) or arithmetic (scikit-learn's default)."),
-    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options as JSON."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+    storage_options: StorageOptions = None,
+    as_json: Json = False,
 ) -> None:
     """Score a clustering against hashtags, users, GPS, devices and labels; write report.json and index.html."""
-    from dataengine.errors import DataEngineError
     from dataengine.fs import parse_storage_options
     from dataengine.report import ReportConfig, run_report
     from dataengine.report.run import progress_total
 
-    try:
-        config = ReportConfig(store=store, clustering=clustering, out=out, compare=tuple(compare or ()), level=level,
-                              shards=shards, thumbnails=thumbnails, gps_cell_deg=gps_cell_deg, block_rows=block_rows,
-                              seed=seed, nmi_average=nmi_average,
-                              storage_options=parse_storage_options(storage_options))
-        total = progress_total(config) if console.is_terminal else None
-        with progress_bar("report", total=total) as update:
-            result = run_report(config, progress=update)
-    except (ValueError, KeyError, DataEngineError, FileNotFoundError) as exc:
-        fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+    config = ReportConfig(store=store, clustering=clustering, out=out, compare=tuple(compare or ()), level=level,
+                          shards=shards, thumbnails=thumbnails, gps_cell_deg=gps_cell_deg, block_rows=block_rows,
+                          seed=seed, nmi_average=nmi_average,
+                          storage_options=parse_storage_options(storage_options))
+    total = progress_total(config) if console.is_terminal else None
+    with progress_bar("report", total=total) as update:
+        result = run_report(config, progress=update)
     rows = [[kind, r.nmi, r.chance_nmi, r.ami, "within noise" if r.near_chance else "", r.coverage]
             for kind, r in result.nmi.items()]
     print_table(f"{result.clustering} level {result.level}: {result.num_clusters} clusters, {result.num_rows} rows "

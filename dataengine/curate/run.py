@@ -15,6 +15,7 @@ from dataengine.curate.write import (
 )
 from dataengine.errors import InputUnusableError
 from dataengine.fs import Location
+from dataengine.locks import check_output_path, locked_output
 from dataengine.shards import ShardSet, build_manifest, load_shard_set
 from dataengine.store import FeatureStore, open_store
 
@@ -34,11 +35,20 @@ def run_curate(config: CurateConfig, progress: Callable[[int], None] | None = No
         OutputExistsError: ``out`` holds something else, or a curation with another configuration.
         KeyError: the store has no complete clustering of that name.
         InputUnusableError: no row is left to select, or the source shards are not the store's.
+        OutputUnusableError: ``out`` is a file, lies under a file, or is not writable.
+        OutputLockedError: another run is writing ``out``.
     """
     start = time.perf_counter()
+    check_output_path(config.out)
     store = open_store(config.store, config.storage_options)
     source = _source(store, config)
     check_inputs(store, config)
+    with locked_output(config.out, config.storage_options):
+        return _curate(store, source, config, start, progress)
+
+
+def _curate(store: FeatureStore, source: ShardSet, config: CurateConfig, start: float,
+            progress: Callable[[int], None] | None) -> CurateResult:
     out = Location(config.out, config.storage_options)
     wanted = dict(config.output_config(), store=Location(config.store).url,
                   source={"url": source.url, "digest": source.digest})

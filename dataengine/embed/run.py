@@ -16,6 +16,7 @@ from dataengine.embed.decode import BatchGrid, DecodeDataset, make_loader, pendi
 from dataengine.embed.model import EmbedModel, build_model, checked_forward
 from dataengine.embed.output import finalize, layout_of, output_config, prepare_store, resolve_config
 from dataengine.errors import OutputExistsError
+from dataengine.locks import check_output_path, locked_output
 from dataengine.shards import ShardSet, load_shard_set
 from dataengine.store import FeatureStore, StoreLayout, inspect_existing, open_store
 from indexes import distributed
@@ -38,14 +39,24 @@ def run_embed(config: EmbedConfig, progress: Callable[[int], None] | None = None
     Raises:
         IncompleteOutputError: the ingest output has no manifest.
         OutputExistsError: ``out`` holds another store (and not ``overwrite``).
+        OutputUnusableError: ``out`` is a file, lies under a file, or is not writable.
+        OutputLockedError: another run is writing ``out``.
         WeightsMismatchError: the weights do not fit the model.
     """
     start = time.perf_counter()
+    check_output_path(config.out)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     rank, world_size = distributed.rank(), distributed.world_size()
     shard_set = load_shard_set(config.shards, config.storage_options)
     model = build_model(config)
+    with locked_output(config.out, config.storage_options, rank=rank,
+                       all_true=distributed.all_true if world_size > 1 else None):
+        return _embed(config, shard_set, model, rank, world_size, start, progress)
+
+
+def _embed(config: EmbedConfig, shard_set: ShardSet, model: EmbedModel, rank: int, world_size: int, start: float,
+           progress: Callable[[int], None] | None) -> EmbedResult:
     store, wanted = _open_or_create(config, shard_set, model, rank)
     layout = layout_of(store.attrs)
     if store.complete:

@@ -26,6 +26,6 @@ each), :mod:`~dataengine.ingest.merging` (the nodes' parts -> manifest) and
 
 from dataengine.ingest.config import STATUSES, IngestConfig, IngestResult
 from dataengine.ingest.merging import merge
-from dataengine.ingest.run import run_ingest
+from dataengine.ingest.run import run_ingest, run_merge
 
-__all__ = ["STATUSES", "IngestConfig", "IngestResult", "merge", "run_ingest"]
+__all__ = ["STATUSES", "IngestConfig", "IngestResult", "merge", "run_ingest", "run_merge"]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dataengine.errors import InputUnusableError
-from dataengine.fs import Location
+from dataengine.fs import Location, create_private
 from dataengine.ingest.config import STATUSES, IngestConfig
 from dataengine.ingest.resume import done_stats, read_part
 from dataengine.metadata_table import meta_schema
@@ -79,7 +79,7 @@ def _write_metadata(out: Location, parts: list[dict[str, Any]], num_nodes: int, 
     if extra_columns:  # a URL list's: the ingest columns, then the extra columns of every part
         schema = unified_schema([pq.ParquetFile(io.BytesIO(out.read_bytes(f"meta/{s['part']}.parquet"))).schema_arrow
                                  for s in parts])
-    with pq.ParquetWriter(local, schema) as writer:
+    with create_private(local) as handle, pq.ParquetWriter(handle, schema) as writer:
         index = 0
         for stats in parts:
             table = read_part(out, stats["part"])
@@ -99,7 +99,7 @@ def _write_metadata(out: Location, parts: list[dict[str, Any]], num_nodes: int, 
 
 def _write_ledger(out: Location, all_stats: list[dict[str, Any]]) -> None:
     local = os.path.join(out.scratch_dir(), "ledger.jsonl.partial")
-    with open(local, "wb") as handle:
+    with create_private(local) as handle:
         for stats in all_stats:
             handle.write(out.read_bytes(f"ledger/{stats['part']}.jsonl"))
     out.publish(local, "ledger.jsonl")

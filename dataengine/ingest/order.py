@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from dataengine.fs import create_private
 from dataengine.sources import Row
 from indexes.data import row_keys, stream_seed
 
@@ -49,7 +50,8 @@ def ingest_order(rows: Iterator[Row], shuffle: bool, seed: int, spool_path: str)
         shuffle: permute them.
         seed: seed of the permutation.
         spool_path: local file that receives the bytes of rows listed with their bytes (streamed tars); it is
-            created only when such rows exist, and the caller removes it after the run.
+            created only when such rows exist (a new file: an existing name, even a symlink, is refused), and the
+            caller removes it after the run.
     """
     if not shuffle:
         yield from rows
@@ -70,7 +72,7 @@ def _list_rows(rows: Iterator[Row], spool_path: str) -> list[Row]:
             if row.data is not None:
                 if spool is None:
                     os.makedirs(os.path.dirname(spool_path) or ".", exist_ok=True)
-                    spool = open(spool_path, "wb")  # noqa: SIM115 (closed in finally)
+                    spool = create_private(spool_path)  # a new file, never through a symlink (closed in finally)
                 offset = spool.tell()
                 spool.write(row.data)
                 row = dataclasses.replace(row, data=None, offset=offset, size=len(row.data),

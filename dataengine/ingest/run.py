@@ -11,6 +11,7 @@ from typing import Any
 
 from dataengine.errors import InputUnusableError
 from dataengine.fs import Location
+from dataengine.locks import check_output_path, locked_output
 from dataengine.ingest.config import IngestConfig, IngestResult
 from dataengine.ingest.merging import merge
 from dataengine.ingest.order import ingest_order
@@ -34,16 +35,43 @@ def run_ingest(config: IngestConfig, progress: Callable[[int], None] | None = No
             written when the input is missing or not what it should be).
         InputCorruptError: the metadata file or the images tar is truncated or malformed.
         OutputExistsError: ``out`` holds an ingest with another configuration (and not ``overwrite``).
+        OutputUnusableError: ``out`` is a file, lies under a file, or is not writable.
+        OutputLockedError: another run is writing ``out`` (or this node's part of it).
     """
     start = time.perf_counter()
+    check_output_path(config.out)
     out = Location(config.out, config.storage_options)
     found = check_output(out, config)
     if found == "complete":
-        manifest = out.read_json("manifest.json")
-        logger.info("%s is already complete (%d shards); nothing to do", out.url, manifest["num_shards"])
-        return _result(out, manifest, time.perf_counter() - start, manifest["num_shards"])
+        return _complete(out, start)
     # before writing anything
     check_inputs(config.yfcc, config.images, config.download, config.storage_options, config.url_list_spec)
+    # Each node of a multi-node ingest writes its own part of the output, under its own lock.
+    part = f"node-{config.node_rank:03d}" if config.node_rank else ""
+    with locked_output(config.out, config.storage_options, part=part):
+        found = check_output(out, config)  # again: another run may have changed it before we held the lock
+        if found == "complete":
+            return _complete(out, start)
+        return _ingest(out, config, found, start, progress)
+
+
+def run_merge(out_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """:func:`~dataengine.ingest.merging.merge` the finished nodes' parts under the output's lock (node 0's).
+
+    Returns the manifest, or ``None`` when some node has not finished yet.
+    """
+    with locked_output(out_url, storage_options):
+        return merge(out_url, storage_options)
+
+
+def _complete(out: Location, start: float) -> IngestResult:
+    manifest = out.read_json("manifest.json")
+    logger.info("%s is already complete (%d shards); nothing to do", out.url, manifest["num_shards"])
+    return _result(out, manifest, time.perf_counter() - start, manifest["num_shards"])
+
+
+def _ingest(out: Location, config: IngestConfig, found: str, start: float,
+            progress: Callable[[int], None] | None) -> IngestResult:
     if found != "partial":
         start_output(out, config, replace=found == "replace")
     state = resume_state(out, config)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from dataengine.fs import Location
+from dataengine.locks import check_output_path, locked_output
 from dataengine.metrics.labels import KIND_HASHTAG
 from dataengine.metrics.store import StoreLabels, evaluate_store, row_blocks
 from dataengine.report.clusterings import Series, comparisons, coverage_warnings, open_series
@@ -33,13 +34,17 @@ def run_report(config: ReportConfig, progress: Callable[[int], None] | None = No
         IncompleteOutputError: the store is not complete.
         KeyError: a clustering that the store does not hold (the message lists those present).
         ValueError: a level that the clustering does not have; a ``shards`` not the store's source.
+        OutputUnusableError: ``out`` is a file, lies under a file, or is not writable.
+        OutputLockedError: another run is writing ``out``.
     """
     start = time.perf_counter()
+    check_output_path(config.out)
     store = open_store(config.store, config.storage_options)
     # Opened first so that a missing ingest output fails before the passes over the store, not after.
     reader = _open_shards(store, config) if config.thumbnails else None
     try:
-        return _run(store, reader, config, progress, start)
+        with locked_output(config.out, config.storage_options):
+            return _run(store, reader, config, progress, start)
     finally:
         if reader is not None:
             reader.close()

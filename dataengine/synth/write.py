@@ -12,6 +12,7 @@ import numpy as np
 
 from dataengine.errors import OutputExistsError
 from dataengine.fs import Location
+from dataengine.locks import check_output_path, locked_output
 from dataengine.synth.config import ANOMALY_KINDS, FORMAT, VERSION, SynthConfig, SynthSummary
 from dataengine.synth.draw import encode_jpeg, image_size, near_duplicate_jpeg, render_planes
 from dataengine.synth.metadata import metadata_line
@@ -179,7 +180,16 @@ def generate_corpus(out_dir: str, config: SynthConfig, progress: Callable[[int],
 
     Raises:
         OutputExistsError: ``out_dir`` holds a corpus with another config and ``overwrite`` is False.
+        OutputUnusableError: ``out_dir`` is a file, lies under a file, or is not writable.
+        OutputLockedError: another run is writing ``out_dir``.
     """
+    check_output_path(out_dir)
+    with locked_output(out_dir, storage_options):
+        return _generate(out_dir, config, progress, overwrite, storage_options)
+
+
+def _generate(out_dir: str, config: SynthConfig, progress: Callable[[int], None] | None, overwrite: bool,
+              storage_options: dict[str, Any] | None) -> SynthSummary:
     start = time.perf_counter()
     location = Location(out_dir, storage_options)
     previous = _clear_previous(location, config, overwrite)

@@ -40,7 +40,7 @@ def _config(store_url: str, name: str, **kwargs) -> ClusterConfig:
 
 
 def test_cli_contract_and_layout_readable_with_zarr_alone(store_url):
-    command = [sys.executable, "-m", "dataengine", "--quiet", "cluster", store_url, "--name", "cli",
+    command = [sys.executable, "-m", "dataengine", "--quiet", "cluster", store_url, "--clustering", "cli",
                "--levels", "3,4", "--pca", "16", "--niter", "5", "--threads", "1", "--json"]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     summary = json.loads(done.stdout.splitlines()[-1])
@@ -287,7 +287,7 @@ def test_forged_faiss_indices_are_refused_in_one_line(tmp_path):
             neighbors_of_key(url, "k7", 4, "c")
     writer.write_neighbor_index(_forged_ivf(rows, np.arange(120)), {})
     assert [n["row"] for n in neighbors_of_key(url, "k7", 4, "c")["neighbors"]][0] == 7
-    command = [sys.executable, "-m", "dataengine", "neighbors", url, "--key", "k7", "--name", "c"]
+    command = [sys.executable, "-m", "dataengine", "neighbors", url, "--key", "k7", "--clustering", "c"]
     writer.write_neighbor_index(_forged_ivf(rows, np.full(120, -5)), {})
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "returned id -5" in bad.stderr
@@ -301,7 +301,7 @@ def test_a_missing_store_is_refused_and_nothing_is_created(tmp_path):
     missing = tmp_path / "nope.zarr"
     with pytest.raises(FileNotFoundError, match="no feature store"):
         run_cluster(_config(str(missing), "x"))
-    command = [sys.executable, "-m", "dataengine", "cluster", str(missing), "--name", "x"]
+    command = [sys.executable, "-m", "dataengine", "cluster", str(missing), "--clustering", "x"]
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode == 2 and "no feature store" in bad.stderr
     url = synthetic_store(str(tmp_path / "store"), 64, 32)

@@ -106,6 +106,21 @@ def test_tar_source_equals_folder_source(tmp_path):
     assert read_back(str(tmp_path / "a")) == read_back(str(tmp_path / "b"))
 
 
+def test_the_spool_file_is_new_and_never_followed_through_a_symlink(tmp_path):
+    """The spool of a streamed tar is created, not opened: a symlink planted at its name is refused and the
+    file it points at stays as it was."""
+    from dataengine.ingest.order import ingest_order
+    from dataengine.sources import Row
+
+    target = tmp_path / "victim.txt"
+    target.write_text("keep me")
+    spool = tmp_path / "spool"
+    spool.symlink_to(target)
+    rows = iter([Row(index=0, path="cat/a.jpg", data=b"jpeg bytes")])
+    with pytest.raises(FileExistsError):
+        list(ingest_order(rows, shuffle=True, seed=0, spool_path=str(spool)))
+    assert target.read_text() == "keep me"
+
 def test_folder_and_tar_inputs_are_written_in_a_seeded_permutation_recorded_in_the_manifest(tmp_path):
     """A class-sorted folder is written permuted by default (the same bytes for the same seed, another order
     for another seed), in input order with --no-shuffle; a streamed tar (.tar.gz, its bytes spooled) gives the
@@ -131,7 +146,7 @@ def test_folder_and_tar_inputs_are_written_in_a_seeded_permutation_recorded_in_t
     assert sorted(other) == in_order and other != labels
     assert ingest("tar", images="imgs.tar.gz") == labels
     assert [s[0] for s in read_back(str(tmp_path / "tar"))] == [s[0] for s in read_back(str(tmp_path / "a"))]
-    assert not os.path.exists(tmp_path / "tar" / ".tmp" / "ingest-spool-000")
+    assert not os.path.exists(tmp_path / "tar" / ".tmp")  # the spool went with the run's private scratch
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["config"]["shuffle"] is True and manifest["config"]["seed"] == 1
     assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["config"]["shuffle"] is False
