@@ -76,7 +76,7 @@ def run_stages(tar: str, images: int, work: str, args: argparse.Namespace) -> di
                    paths["ingest"]),
         "embed": ([*cli, "embed", paths["ingest"], "--out", paths["store"], "--model", args.model, "--image-size",
                    str(args.image_size), "--json"], paths["store"]),
-        "cluster": ([*cli, "cluster", paths["store"], "--name", "c", "--levels", LEVELS, "--pca", str(PCA), "--json"],
+        "cluster": ([*cli, "cluster", paths["store"], "--clustering", "c", "--levels", LEVELS, "--pca", str(PCA), "--json"],
                     paths["store"]),
         "report": ([*cli, "report", paths["store"], "--clustering", "c", "--out", paths["report"], "--json"],
                    paths["report"]),

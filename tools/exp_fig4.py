@@ -127,7 +127,7 @@ def features_of(args: argparse.Namespace, shards: str, store: str, classes: dict
     if not os.path.exists(os.path.join(store, "zarr.json")):
         dataengine("embed", shards, "--out", store, *source, "--image-size", str(args.image_size), "--threads", "1",
                    "--workers", "1", "--overwrite")
-    dataengine("cluster", store, "--name", "fig4", "--levels", args.levels, "--pca", "64", "--seed", str(args.seed),
+    dataengine("cluster", store, "--clustering", "fig4", "--levels", args.levels, "--pca", "64", "--seed", str(args.seed),
                "--threads", "1", "--no-neighbor-index", "--overwrite")
     return score(store, "fig4", classes)
 

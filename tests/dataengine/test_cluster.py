@@ -97,7 +97,7 @@ def test_neighbors_of_a_key_a_source_path_or_an_image_file_on_stdout(store_url, 
     store = open_store(store_url)
     key = str(store.keys[7])
     images = os.path.join(os.path.dirname(store_url), "corpus", "images")
-    command = [sys.executable, "-m", "dataengine", "neighbors", store_url, "--name", "nn", "-k", "3"]
+    command = [sys.executable, "-m", "dataengine", "neighbors", store_url, "--clustering", "nn", "-k", "3"]
     table = subprocess.run([*command, key], check=True, capture_output=True, text=True).stdout.splitlines()
     assert table[0].startswith(f"# 3 nearest images of key {key}") and table[1].split()[-1] == "path"
     assert table[2].split()[4] == key and table[2].split()[5] == f"{images}/{key}.jpg"  # itself, with its path

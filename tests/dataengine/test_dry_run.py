@@ -67,11 +67,11 @@ def test_embed_dry_run_resolves_the_stored_configuration_and_writes_nothing(pipe
 
 def test_cluster_dry_run_adds_no_clustering(pipeline):
     store = str(pipeline / "store")
-    summary, text = _dry("cluster", store, "--name", "dry", "--levels", "2,40", "--pca", "8")
+    summary, text = _dry("cluster", store, "--clustering", "dry", "--levels", "2,40", "--pca", "8")
     assert clustering_attrs(open_store(store), "dry") is None
     assert summary["output"] == "new" and summary["rows"] == 60 and summary["plan"]["stage"] == "cluster"
     assert summary["config"]["levels"] == [2, 40] and "level 1 asks for 80 clusters of 60 rows" in text
-    refused = subprocess.run([sys.executable, "-m", "dataengine", "cluster", store, "--name", "dry", "--pca", "999",
+    refused = subprocess.run([sys.executable, "-m", "dataengine", "cluster", store, "--clustering", "dry", "--pca", "999",
                               "--dry-run"], capture_output=True, text=True)
     assert refused.returncode == 2 and "larger than the feature dimension" in refused.stderr
 
