@@ -40,6 +40,21 @@ logger = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
 
+# Descriptors of the local locks this process holds. A forked child (an ingest or DataLoader worker) closes its
+# copies at once: flock belongs to the open file, so a worker that outlives its killed parent would otherwise
+# keep the output locked until it ends.
+_held_fds: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Owner:
@@ -228,6 +243,7 @@ class OutputLock:
             os.pwrite(fd, owner.to_bytes(), 0)
             os.fsync(fd)
             self._fd = fd
+            _held_fds.add(fd)
             return
         raise self._locked(None)
 
@@ -294,6 +310,7 @@ class OutputLock:
             if self._fd is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)  # while holding flock: nobody can take a half-removed lock
+                _held_fds.discard(self._fd)
                 os.close(self._fd)
                 self._fd = None
             else:

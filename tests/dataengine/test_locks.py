@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -69,6 +70,33 @@ def test_a_lock_held_by_another_process_until_it_is_killed(tmp_path):
     assert os.path.exists(out + ".lock")  # a SIGKILLed owner leaves its record: stale now
     with OutputLock(out) as lock:  # taken over: the kernel dropped the dead owner's flock
         assert Owner.from_bytes(open(lock.path, "rb").read()).pid == os.getpid()
+
+
+def test_a_forked_worker_that_outlives_its_killed_owner_does_not_keep_the_lock(tmp_path):
+    """flock belongs to the open file, which a fork shares: a worker process must not hold the output locked
+    after its parent was killed."""
+    out = str(tmp_path / "out")
+    script = textwrap.dedent(f"""
+        import os, time
+        from dataengine.locks import OutputLock
+        OutputLock({out!r}).acquire()
+        if os.fork() == 0:  # a worker, still running when its parent is killed
+            time.sleep(60)
+            os._exit(0)
+        print("locked", flush=True)
+        time.sleep(600)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with OutputLock(out) as lock:  # the worker lives on, yet the lock is free
+            assert Owner.from_bytes(open(lock.path, "rb").read()).pid == os.getpid()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)
 
 
 def test_a_stale_record_is_taken_over_and_another_hosts_is_not(tmp_path):
