@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from indexes.data import stream_seed
+from trainer.config import SUB_HEAD_GRAD_MEANS
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class ClusterHead(nn.Module):
         return loss, {"loss": loss.detach(), "cluster_acc": _accuracy(logits, targets)}
 
 
-GRAD_MEANS: tuple[str, ...] = ("batch", "superclass")
+GRAD_MEANS: tuple[str, ...] = SUB_HEAD_GRAD_MEANS
 """How the gradient of a sub-class classifier ``W_s`` is averaged: over the batch's rows (``batch``: the loss of
 Eq. 5 as written, so ``W_s`` learns about S times slower than ``V``) or over the rows of its own super-class
 (``superclass``: what the reference code's communication groups compute, every ``W_s`` at ``V``'s pace).
