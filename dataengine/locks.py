@@ -45,12 +45,18 @@ LOCK_SUFFIX = ".lock"
 # keep the output locked until it ends.
 _held_fds: set[int] = set()
 
+# Tokens of the locks this process holds now. A record naming this very process with a token not in here was
+# left by an earlier run in this process that could not delete it (object storage unreachable when it failed):
+# it is stale, as a dead process's record is.
+_held_tokens: set[str] = set()
+
 
 def _close_inherited_locks() -> None:
     for fd in _held_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
     _held_fds.clear()
+    _held_tokens.clear()
 
 
 os.register_at_fork(after_in_child=_close_inherited_locks)
@@ -70,11 +76,13 @@ class Owner:
     """When the lock was taken (seconds since the epoch)."""
     command: str
     """The owner's command line (for the person reading the message)."""
+    token: str = ""
+    """Random identifier of this taking of the lock (tells a lock this process holds from one it left)."""
 
     @staticmethod
     def of_this_process() -> "Owner":
         return Owner(pid=os.getpid(), host=socket.gethostname(), process_start=_process_start(os.getpid()) or 0.0,
-                     taken=time.time(), command=" ".join(sys.argv)[:500])
+                     taken=time.time(), command=" ".join(sys.argv)[:500], token=os.urandom(8).hex())
 
     def to_bytes(self) -> bytes:
         return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
@@ -85,7 +93,8 @@ class Owner:
         try:
             value = json.loads(data)
             return Owner(pid=int(value["pid"]), host=str(value["host"]), process_start=float(value["process_start"]),
-                         taken=float(value["taken"]), command=str(value.get("command", "")))
+                         taken=float(value["taken"]), command=str(value.get("command", "")),
+                         token=str(value.get("token", "")))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -94,11 +103,14 @@ class Owner:
         return f"pid {self.pid} on {self.host} since {since}"
 
     def is_stale(self) -> bool:
-        """True when the owner is known to be gone: same host, and its pid is dead or now another process."""
+        """True when the owner is known to be gone: same host, and its pid is dead or now another process, or it
+        is this process and the lock is not one it holds now (left by an earlier run that failed to delete it)."""
         if self.host != socket.gethostname():
             return False
         start = _process_start(self.pid)
-        return start is None or abs(start - self.process_start) > 1.0
+        if start is None or abs(start - self.process_start) > 1.0:
+            return True
+        return self.pid == os.getpid() and self.token not in _held_tokens
 
 
 def _process_start(pid: int) -> float | None:
@@ -195,6 +207,7 @@ class OutputLock:
         else:
             self._acquire_local(owner)
         self.owner = owner
+        _held_tokens.add(owner.token)
         remove_dead_scratch(self.url, self.storage_options)
         logger.debug("locked %s (%s)", self.url, self.path)
 
@@ -318,6 +331,7 @@ class OutputLock:
                 with contextlib.suppress(FileNotFoundError):
                     location.fs.rm_file(location.fs._strip_protocol(self.path))
         finally:
+            _held_tokens.discard(self.owner.token)
             self.owner = None
             remove_scratch(self.url)
             self._remove_created_dirs()

@@ -191,6 +191,23 @@ def test_s3_lock_is_a_conditional_put(s3_server, s3_bucket):
         OutputLock(out, s3_server).acquire()
 
 
+def test_s3_lock_left_by_an_earlier_failed_run_of_this_process_is_taken_over(s3_server, s3_bucket):
+    """A run that failed while the store was unreachable could not delete its lock object; a re-run in the
+    same process (a notebook, a test, a library caller) takes it over, while a lock this process still holds
+    stays held."""
+    import s3fs
+
+    s3 = s3fs.S3FileSystem(**s3_server)
+    out = f"{s3_bucket}/left"
+    left = Owner.of_this_process()  # what an earlier run of this process wrote and could not delete
+    s3.pipe_file(f"{out}.lock", left.to_bytes())
+    with OutputLock(out, s3_server) as lock:
+        assert Owner.from_bytes(s3.cat_file(f"{out}.lock")).token == lock.owner.token != left.token
+        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()} "):
+            OutputLock(out, s3_server).acquire()
+    assert not s3.exists(f"{out}.lock")
+
+
 def test_s3_takeover_of_a_stale_lock_is_won_by_one(s3_server, s3_bucket, monkeypatch):
     """The stale record is replaced only if it is still the one read (If-Match): a run that read it but
     was overtaken fails."""
