@@ -14,7 +14,9 @@ writer reads the record and fails with :class:`~dataengine.errors.OutputLockedEr
 * Object storage (``s3://``): the lock object is created with a conditional PUT (``If-None-Match: *``), which
   S3 (and moto) refuse when the object exists, so of two writers exactly one creates it. A stale record (same
   host, dead pid) is replaced with a PUT conditional on its ETag (``If-Match``), so of two runs taking it over
-  one wins. A run killed on another host leaves a lock that only a person can judge: delete the object.
+  one wins. A record naming this very process with a token it does not hold (an earlier run in this process
+  failed while the store was unreachable and could not delete it) is stale too. A run killed on another host
+  leaves a lock that only a person can judge: delete the object.
 
 Multi-rank runs (``torchrun``) take the lock on rank 0 and tell the other ranks whether it got it
 (:func:`locked_output`). Each node of a multi-node ingest locks its own part (``OUTPUT.node-003.lock``).
