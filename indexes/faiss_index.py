@@ -22,7 +22,7 @@ import numpy as np
 
 from indexes.data import RowSource, prefetched
 from indexes.distributed import LocalReducer
-from indexes.sampling import smallest_key_rows
+from indexes.sampling import smallest_key_sample
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def _pq_sizes(dim: int, requested: int | None) -> list[int]:
 
 
 def _training_rows(data: RowSource, config: NeighborIndexConfig) -> np.ndarray:
-    members = [np.arange(data.num_rows, dtype=np.int64)]
     wanted = np.array([config.max_train_rows])
-    sample = smallest_key_rows(members, wanted, row_offset=data.row_offset, seed=config.seed, reducer=LocalReducer())
+    sample = smallest_key_sample(None, data.num_rows, wanted, row_offset=data.row_offset, seed=config.seed,
+                                 reducer=LocalReducer())
     return data.take(sample[0])

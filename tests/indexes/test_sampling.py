@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from indexes.data import row_keys
 from indexes.distributed import LocalReducer
-from indexes.sampling import gather_rows, group_members, smallest_key_rows
+from indexes.sampling import gather_rows, group_members, group_sizes, smallest_key_rows, smallest_key_sample
 
 
 class ThreadRanks:
@@ -96,6 +97,56 @@ def test_ranks_keep_together_what_one_process_keeps(world_size):
     per_rank = ThreadRanks(world_size).run(work)
     for group, expected in enumerate(brute_force(labels, wanted, seed=4)):
         assert np.array_equal(np.concatenate([kept[group] for kept in per_rank]), expected)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 1 << 20])
+def test_streamed_sample_is_the_sample_of_the_members(block_rows):
+    """Block by block (blocks smaller than a group's sample, a row each, or the whole): the same rows."""
+    labels = np.random.default_rng(5).integers(0, 4, 500)
+    wanted = np.array([10, 0, 1000, 37])
+    kept = smallest_key_sample(labels, 500, wanted, row_offset=3, seed=9, reducer=LocalReducer(),
+                               block_rows=block_rows)
+    expected = smallest_key_rows(group_members(labels, 500, 4), wanted, row_offset=3, seed=9,
+                                 reducer=LocalReducer())
+    assert [k.tolist() for k in kept] == [e.tolist() for e in expected] and all(k.dtype == np.int64 for k in kept)
+    alone = smallest_key_sample(None, 300, np.array([20]), row_offset=0, seed=1, reducer=LocalReducer(),
+                                block_rows=block_rows)
+    assert alone[0].tolist() == brute_force(np.zeros(300, np.int64), np.array([20]), seed=1)[0].tolist()
+    assert group_sizes(labels, 500, 5).tolist() == np.bincount(labels, minlength=5).tolist()
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        group_sizes(labels, 500, 3)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_streamed_sample_over_ranks_is_the_one_process_sample(world_size):
+    labels = np.random.default_rng(6).integers(0, 3, 401)
+    wanted = np.array([25, 3, 90])
+    bounds = np.linspace(0, labels.size, world_size + 1).astype(int)
+
+    def work(rank, reducer):
+        start, stop = bounds[rank], bounds[rank + 1]
+        return [start + rows for rows in smallest_key_sample(labels[start:stop], stop - start, wanted,
+                                                             row_offset=start, seed=4, reducer=reducer,
+                                                             block_rows=16)]
+
+    per_rank = ThreadRanks(world_size).run(work)
+    for group, expected in enumerate(brute_force(labels, wanted, seed=4)):
+        assert np.array_equal(np.concatenate([kept[group] for kept in per_rank]), expected)
+
+
+def test_streamed_sample_holds_no_key_or_index_per_row():
+    """A sample of 1,000 rows out of 2M: the peak of Python-visible memory is a block's temporaries, not 16
+    bytes a row or more of member indices and keys."""
+    rows, block = 2_000_000, 1 << 16
+    tracemalloc.start()
+    try:
+        kept = smallest_key_sample(None, rows, np.array([1000]), row_offset=0, seed=2, reducer=LocalReducer(),
+                                   block_rows=block)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert kept[0].size == 1000
+    assert peak < 4 * rows, f"{peak / rows:.1f} bytes a row"  # a block's temporaries (4 MB), not 8 bytes a row
 
 
 def test_gather_rows_concatenates_in_rank_order():
