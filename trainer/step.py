@@ -55,13 +55,12 @@ def step_inputs(config: TrainConfig, labels: Labels | None, images: torch.Tensor
     ``(clusters,)`` or ``(super-classes, sub-classes)`` (``rows``: rows of the shards, for the cluster targets)."""
     mode = config.mode
     if mode not in ("rotnet", "deepercluster"):
-        return images, (torch.from_numpy(labels.parents[rows.numpy()]),)
+        return images, (torch.from_numpy(labels.targets(rows.numpy())[0]),)
     rotations = random_rotations(len(images), torch_generator(config.seed, TAG_ROTATE, epoch, rank, step))
     images = rotate_batch(images, rotations)
     if mode == "rotnet":
         return images, (rotations,)
-    index = rows.numpy()
-    parents, local = torch.from_numpy(labels.parents[index]), torch.from_numpy(labels.local[index])
+    parents, local = (torch.from_numpy(t) for t in labels.targets(rows.numpy()))
     return images, (super_targets(parents, rotations), local)
 
 
