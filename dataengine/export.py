@@ -44,7 +44,7 @@ import numpy as np
 from dataengine.errors import InputUnusableError, OutputExistsError
 from dataengine.fs import create_private, is_remote, open_input, url_to_fs, with_storage_defaults
 from dataengine.locks import locked_output
-from dataengine.store import FeatureStore, open_store
+from dataengine.store import FeatureStore, metadata_batches, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ class _SourceRows:
         import pyarrow.parquet as pq
 
         self._handle = open_input(url, storage_options)
-        self._batches: Iterator[Any] = pq.ParquetFile(self._handle).iter_batches(batch_size=8192)
+        self._batches: Iterator[Any] = metadata_batches(pq.ParquetFile(self._handle), None, batch_rows=8192)
         self._pending: list[Any] = []
         self._pending_rows = 0
 

@@ -130,7 +130,7 @@ def part_store(args: argparse.Namespace, work: str) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from dataengine.store import METADATA_BATCH_ROWS, METADATA_COLUMNS, StoreLayout, create_store, open_store
+    from dataengine.store import METADATA_COLUMNS, StoreLayout, create_store, metadata_batches, open_store
     from dataengine.store import write_metadata_batches
 
     source = os.path.join(work, "ingest", "metadata.parquet")
@@ -145,7 +145,7 @@ def part_store(args: argparse.Namespace, work: str) -> dict:
     def batches():
         parquet = pq.ParquetFile(source)
         names = [n for n in ("key", *METADATA_COLUMNS) if n in parquet.schema_arrow.names]
-        return parquet.iter_batches(batch_size=METADATA_BATCH_ROWS, columns=names)
+        return metadata_batches(parquet, names)
 
     columns = write_metadata_batches(store, batches, num_rows)
     metadata_seconds = time.perf_counter() - start

@@ -16,11 +16,11 @@ from dataengine.errors import OutputExistsError
 from dataengine.shards import ShardSet
 from dataengine.store import (
     MAX_RECORDED_FAILURES,
-    METADATA_BATCH_ROWS,
     METADATA_COLUMNS,
     FeatureStore,
     StoreLayout,
     create_store,
+    metadata_batches,
     remove_partial_writes,
     write_metadata_batches,
 )
@@ -94,7 +94,7 @@ def _create(config: EmbedConfig, shard_set: ShardSet, model: EmbedModel, wanted:
                 raise ValueError(f"{shard_set.metadata_url} has {parquet.metadata.num_rows} rows but the manifest "
                                  f"lists {shard_set.num_samples} samples")
             names = [n for n in ("key", *METADATA_COLUMNS) if n in parquet.schema_arrow.names]
-            yield from parquet.iter_batches(batch_size=METADATA_BATCH_ROWS, columns=names)
+            yield from metadata_batches(parquet, names)
 
     columns = write_metadata_batches(store, batches, shard_set.num_samples)
     store.write_attrs("", {"metadata_columns": columns, "state": "embedding"})
