@@ -237,8 +237,11 @@ class Clustering:
 
         if not self.has_neighbor_index:
             raise KeyError(f"clustering {self.name!r} has no neighbour index: {self.why_no_neighbor_index()}")
-        return index_from_bytes(self.store.read_array(layout_path(self.name, _NEIGHBOR_INDEX)).tobytes(), dim=dim,
-                                num_vectors=self.store.num_rows, what=f"neighbour index of clustering {self.name!r}")
+        path = layout_path(self.name, _NEIGHBOR_INDEX)
+        plan = self.store.read_attrs(path)  # an index planned before the table was counted: faiss's default
+        return index_from_bytes(self.store.read_array(path), dim=dim, num_vectors=self.store.num_rows,
+                                what=f"neighbour index of clustering {self.name!r}",
+                                precomputed_table=plan.get("precomputed_table_bytes", 1) > 0)
 
 
 class ClusteringWriter:

@@ -27,6 +27,7 @@ from indexes.sampling import smallest_key_sample
 logger = logging.getLogger(__name__)
 
 _PQ_BITS = 8
+_FAISS_MAX_PRECOMPUTED_TABLE = 1 << 31  # faiss's precomputed_table_max_bytes: above it, faiss never builds one
 _MIN_TRAIN_PER_LIST = 39  # faiss warns below 39 training points per list / per PQ centroid
 
 
@@ -139,6 +140,9 @@ class NeighborIndexPlan:
     num_lists: int
     pq_bytes: int
     estimated_bytes: int
+    precomputed_table_bytes: int = 0
+    """IVF-PQ: bytes of faiss's precomputed distance table (``num_lists x pq_bytes x 256`` float32, counted
+    in ``estimated_bytes``; 1.3 GB at 96M rows of 32-byte codes); 0: searched without it, to fit the budget."""
 
     def to_dict(self) -> dict:
         """JSON-able form."""
@@ -160,6 +164,11 @@ def plan_neighbor_index(num_rows: int, dim: int, config: NeighborIndexConfig) ->
     if "ivf_pq" in kinds:
         for pq_bytes in _pq_sizes(dim, config.pq_bytes):
             size = num_rows * (pq_bytes + 8) + coarse + (1 << _PQ_BITS) * dim * 4
+            # faiss precomputes a table per list (faster searches) unless told not to: only when it fits too.
+            table = num_lists * pq_bytes * (1 << _PQ_BITS) * 4
+            if size + table <= budget and table <= _FAISS_MAX_PRECOMPUTED_TABLE:
+                return NeighborIndexPlan(kind="ivf_pq", num_lists=num_lists, pq_bytes=pq_bytes,
+                                         estimated_bytes=size + table, precomputed_table_bytes=table)
             if size <= budget:
                 return NeighborIndexPlan(kind="ivf_pq", num_lists=num_lists, pq_bytes=pq_bytes, estimated_bytes=size)
     raise ValueError(
@@ -185,6 +194,8 @@ def build_neighbor_index(
             index = faiss.IndexIVFFlat(quantizer, data.dim, plan.num_lists)
         else:
             index = faiss.IndexIVFPQ(quantizer, data.dim, plan.num_lists, plan.pq_bytes, _PQ_BITS)
+            if not plan.precomputed_table_bytes:
+                index.use_precomputed_table = -1  # faiss's "never"; its default builds it below 2 GB
         index.cp.seed = config.seed
         index.train(_training_rows(data, config))
         index.nprobe = min(config.num_probes, plan.num_lists)
@@ -209,10 +220,13 @@ def index_to_bytes(index) -> bytes:
 _INDEX_TYPES = ("IndexFlatL2", "IndexHNSWFlat", "IndexIVFFlat", "IndexIVFPQ")
 
 
-def index_from_bytes(buffer: bytes, *, dim: int | None = None, num_vectors: int | None = None,
-                     what: str = "index"):
+def index_from_bytes(buffer: bytes | np.ndarray, *, dim: int | None = None, num_vectors: int | None = None,
+                     what: str = "index", precomputed_table: bool = True):
     """Inverse of :func:`index_to_bytes`, checked: one of the L2 index types built here, of ``dim``
     dimensions holding ``num_vectors`` vectors when given.
+
+    ``precomputed_table=False`` reads an IVF-PQ index without the distance table faiss would otherwise
+    recompute (its plan's ``precomputed_table_bytes`` is 0: the table did not fit the memory budget).
 
     Raises:
         ValueError: a one-line message naming ``what`` when the bytes are not such an index.
@@ -220,7 +234,9 @@ def index_from_bytes(buffer: bytes, *, dim: int | None = None, num_vectors: int 
     import faiss
 
     try:
-        index = faiss.deserialize_index(np.frombuffer(buffer, dtype=np.uint8))
+        reader = faiss.VectorIOReader()
+        faiss.copy_array_to_vector(np.frombuffer(buffer, dtype=np.uint8), reader.data)
+        index = faiss.read_index(reader, 0 if precomputed_table else faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
     except RuntimeError as exc:  # faiss reports any unreadable buffer as a RuntimeError
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{what} is not a readable FAISS index ({reason})") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -94,3 +96,27 @@ def test_ivf_neighbor_index_recall_is_measured(kind, floor, blobs):
     found, _ = search_nearest(index_from_bytes(index_to_bytes(index)), queries)
     recall = recall_at_1(found, _exact_neighbours(rows, queries))
     assert recall >= floor, f"{kind} recall@1 = {recall:.3f}"
+
+
+def test_ivf_pq_precomputed_table_is_in_the_plan_or_not_built(blobs):
+    """faiss's IVF-PQ precomputes a distance table of lists x code bytes x 256 floats (1.3 GB at 96M rows,
+    32-byte codes): counted in the plan when it fits the budget, not built (nor rebuilt when read back) when it
+    does not."""
+    at_scale = plan_neighbor_index(96_000_000, 64, NeighborIndexConfig(memory_budget_bytes=4 << 30, kind="ivf_pq",
+                                                                       pq_bytes=32))
+    assert at_scale.estimated_bytes <= 4 << 30 and at_scale.precomputed_table_bytes == 0
+    rows = blobs(10_000, 8, centers=20, seed=5)
+    config = NeighborIndexConfig(memory_budget_bytes=10**9, kind="ivf_pq", num_lists=32, pq_bytes=4,
+                                 max_train_rows=10_000)
+    roomy = plan_neighbor_index(10_000, 8, config)
+    assert roomy.precomputed_table_bytes == 32 * 4 * 256 * 4
+    tight = plan_neighbor_index(10_000, 8, replace(config, memory_budget_bytes=roomy.estimated_bytes - 1))
+    assert tight.pq_bytes == 4 and tight.precomputed_table_bytes == 0 and tight.estimated_bytes < roomy.estimated_bytes
+    queries = rows[:100]
+    for budget, table_bytes in ((config.memory_budget_bytes, roomy.precomputed_table_bytes), (tight.estimated_bytes, 0)):
+        plan_config = replace(config, memory_budget_bytes=budget)
+        index, plan = build_neighbor_index(ArrayDataset(rows, block_rows=4096), plan_config)
+        assert plan.precomputed_table_bytes == table_bytes and index.precomputed_table.size() * 4 == table_bytes
+        loaded = index_from_bytes(index_to_bytes(index), precomputed_table=table_bytes > 0)
+        assert loaded.precomputed_table.size() * 4 == table_bytes
+        np.testing.assert_array_equal(search_nearest(loaded, queries)[0], search_nearest(index, queries)[0])
