@@ -105,6 +105,30 @@ def main() -> None:
         save_result(results_path, results, key, result)
         print(f"{key}: linear {result['linear_top1']:.4f} knn {result['knn_top1']:.4f} "
               f"nmi {result['label_nmi']:.4f} ({result['seconds']:.0f} s)", flush=True)
+    print(markdown(results, args.seed))
+
+
+DESCRIPTIONS = {"default": "all fixes (the protocol's DeeperCluster run)",
+                "stream_off": "stream off: `--no-shuffle` ingest, `--shards-in-flight 4`",
+                "grad_off": "head gradient off: `--sub-head-grad-mean batch`",
+                "momentum_off": "backbone momentum off: optimizer rebuilt at each re-assignment",
+                "sample_off": "k-means sample off: `--sample-per-centroid 256`"}
+
+
+def markdown(results: dict, seed: int) -> str:
+    """The variants of ``seed`` as a Markdown table (probes, training log, each clustering's NMI vs labels)."""
+    lines = ["| variant | code | linear top-1 | k-NN top-1 | NMI vs labels (10-means) | epochs | steps "
+             "| clustering NMI vs labels at each re-assignment |", "|---|---|---|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        result = results.get(f"{variant}/{seed}")
+        if result is None:
+            continue
+        run = result["training"]
+        nmis = ", ".join(f"{n:.3f}" for n in run["clustering_label_nmi"]) or "-"
+        lines.append(f"| {DESCRIPTIONS[variant]} | {run.get('code') or '?'} | {result['linear_top1']:.4f} | "
+                     f"{result['knn_top1']:.4f} | {result['label_nmi']:.4f} | {run['epochs']} | {run['steps']:,} "
+                     f"| {nmis} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,10 @@ def train(args: argparse.Namespace, method: str, seed: int, shards: str, out: st
 
 
 def code_version() -> str:
-    """The commit of the code the dataengine commands run (with ``+changes`` when the tree differs from it)."""
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    """The commit of the code the dataengine commands run (with ``+changes`` when the tree differs from it): the
+    first ``PYTHONPATH`` entry's checkout when one is set (the ablation's other tree), else this one's."""
+    root = (os.environ.get("PYTHONPATH") or "").split(os.pathsep)[0] or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..")
     commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "dataengine",
