@@ -505,3 +505,26 @@ def test_an_nmi_within_noise_of_chance_is_flagged():
     signal = associated.result()
     assert not signal.near_chance and signal.ami > 0.02
     assert signal.as_dict()["near_chance"] is False and chance.as_dict()["near_chance"] is True
+
+
+def test_chance_level_holds_a_block_of_rows_not_all_of_them():
+    """3M rows, nearly every one its own (cluster, label) cell: the chance NMI holds the shuffled labels (4 bytes a
+    row), the table's cells (about 20 bytes a cell) and one block's temporaries (Python-visible, tracemalloc).
+    Blocks of 2^24 rows took every row of a store below 16M rows at once (52 bytes a row here; 650 MB above)."""
+    import tracemalloc
+
+    from dataengine.metrics.contingency import Contingency
+
+    rows = 3_000_000
+    rng = np.random.default_rng(0)
+    table = Contingency()
+    table.update(rng.integers(0, 4000, rows).astype(np.int32), rng.integers(0, 100_000, rows).astype(np.int32))
+    nmi = table.nmi()
+    tracemalloc.start()
+    try:
+        chance = table.chance_nmi(0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 0 < chance <= nmi + 0.01
+    assert peak < 40 * rows, f"{peak / rows:.1f} bytes a row"  # 31 measured
