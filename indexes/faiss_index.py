@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from indexes.data import RowSource, prefetched
+from indexes.data import RowSource, block_bincount, prefetched
 from indexes.distributed import LocalReducer
 from indexes.sampling import smallest_key_sample
 
@@ -152,7 +152,8 @@ class NeighborIndexPlan:
 def plan_neighbor_index(num_rows: int, dim: int, config: NeighborIndexConfig) -> NeighborIndexPlan:
     """Pick the neighbour index type and its sizes; raises ``ValueError`` when nothing fits the budget."""
     num_lists = config.num_lists or max(1, min(num_rows // _MIN_TRAIN_PER_LIST, int(4 * math.sqrt(num_rows))))
-    coarse = num_lists * dim * 4
+    # Coarse centroids, and each row's list while the lists fill (see :func:`_add_to_lists`).
+    coarse = num_lists * dim * 4 + num_rows * np.dtype(_list_id_type(num_lists)).itemsize
     flat = num_rows * dim * 4
     ivf_flat = num_rows * (dim * 4 + 8) + coarse
     budget = config.memory_budget_bytes
@@ -199,12 +200,44 @@ def build_neighbor_index(
         index.cp.seed = config.seed
         index.train(_training_rows(data, config))
         index.nprobe = min(config.num_probes, plan.num_lists)
+        _add_to_lists(index, data, progress)
+        logger.info("neighbour index: %s", plan)
+        return index, plan
     for _, rows in prefetched(data.iter_blocks()):
         index.add(rows)
         if progress is not None:
             progress(rows.shape[0])
     logger.info("neighbour index: %s", plan)
     return index, plan
+
+
+def _list_id_type(num_lists: int) -> type:
+    return np.uint16 if num_lists <= 1 << 16 else np.int32
+
+
+def _add_to_lists(index, data: RowSource, progress: Callable[[int], None] | None) -> None:
+    """Add every row to a trained IVF index with its lists reserved at their final sizes.
+
+    Added block by block as they come, faiss's inverted lists grow by doubling and end holding 1.4-1.6 times
+    their codes and ids (5.6 GB for the 3.8 GB of 96M rows of 32-byte codes). A first pass finds each row's
+    list (kept in 2 bytes a row), the lists are reserved at their sizes, and the second pass encodes the rows
+    into them with those lists (no second coarse search): one more read of the rows.
+    """
+    import faiss
+
+    lists = np.empty(data.num_rows, dtype=_list_id_type(index.nlist))
+    for start, rows in prefetched(data.iter_blocks()):
+        lists[start:start + rows.shape[0]] = index.quantizer.assign(rows, 1)[:, 0]
+    invlists = faiss.downcast_InvertedLists(index.invlists)
+    for number, size in enumerate(block_bincount(lists, index.nlist).tolist()):
+        if size:  # a vector shrunk back to 0 keeps its capacity: the adds below fill it without moving
+            invlists.resize(number, size)
+            invlists.resize(number, 0)
+    for start, rows in prefetched(data.iter_blocks()):
+        assigned = lists[start:start + rows.shape[0]].astype(np.int64)
+        index.add_core(rows.shape[0], faiss.swig_ptr(rows), None, faiss.swig_ptr(assigned))
+        if progress is not None:
+            progress(rows.shape[0])
 
 
 def index_to_bytes(index) -> bytes:

@@ -120,3 +120,19 @@ def test_ivf_pq_precomputed_table_is_in_the_plan_or_not_built(blobs):
         loaded = index_from_bytes(index_to_bytes(index), precomputed_table=table_bytes > 0)
         assert loaded.precomputed_table.size() * 4 == table_bytes
         np.testing.assert_array_equal(search_nearest(loaded, queries)[0], search_nearest(index, queries)[0])
+
+
+def test_ivf_lists_hold_their_codes_not_the_doubling_slack():
+    """3M rows into an IVF-Flat of 4-d rows (24 bytes a row of codes and ids, 72 MB): the process grows by about
+    that. Added block by block, faiss's lists grow by doubling and held 1.4-1.6 times it (5.6 GB for the 3.8 GB of
+    a 96M-row IVF-PQ under a 4 GB budget)."""
+    import psutil
+
+    rows = np.random.default_rng(0).standard_normal((3_000_000, 4)).astype(np.float32)
+    config = NeighborIndexConfig(memory_budget_bytes=10**9, kind="ivf_flat", num_lists=512, max_train_rows=20_000)
+    planned = 3_000_000 * (4 * 4 + 8)
+    before = psutil.Process().memory_info().rss
+    index, plan = build_neighbor_index(ArrayDataset(rows, block_rows=1 << 15), config)
+    grown = psutil.Process().memory_info().rss - before
+    assert index.ntotal == 3_000_000 and plan.estimated_bytes >= planned
+    assert grown < 1.15 * planned, f"{grown / planned:.2f} x the codes and ids"  # 1.05 measured, 1.35 before
