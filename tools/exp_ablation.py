@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,8 +44,23 @@ def grad_off_option(help_text: str) -> tuple[str, ...] | None:
     if "--sub-head-grad-mean" not in help_text:
         return None
     line = next(line for line in help_text.splitlines() if "--sub-head-grad-mean" in line)
-    default = "superclass" if "default: superclass" in line.replace("[", "") else "batch"
-    return ("--sub-head-grad-mean", "batch" if default == "superclass" else "superclass")
+    match = re.search(r"default: \(?(batch|superclass)\b", line)
+    if match is None:
+        raise SystemExit(f"cannot read the default of --sub-head-grad-mean from: {line.strip()}")
+    return ("--sub-head-grad-mean", "batch" if match.group(1) == "superclass" else "superclass")
+
+
+def trained_config(checkpoint: str) -> dict:
+    """The optimisation section of a trainer checkpoint's stored configuration."""
+    import torch
+
+    return json.loads(torch.load(checkpoint, map_location="cpu", weights_only=False)["config"])["optim"]
+
+
+def imported_from(tree: str) -> str:
+    """Where ``python -m dataengine`` run in ``tree`` with it on PYTHONPATH imports the trainer from."""
+    return subprocess.run([sys.executable, "-c", "import trainer; print(trainer.__file__)"], cwd=tree,
+                          capture_output=True, text=True, env=os.environ | {"PYTHONPATH": tree}).stdout.strip()
 
 
 def main() -> None:
@@ -54,6 +70,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--momentum-off-tree", help="Checkout of the trainer that rebuilds the backbone optimizer")
     args = parser.parse_args()
+    args.out = os.path.abspath(args.out)
+    args.tar = args.tar and os.path.abspath(args.tar)
     shards = prepare(args)
     r0 = os.path.join(args.out, "runs", "r0", str(args.seed))
     if not os.path.exists(os.path.join(r0, "done.json")):
@@ -67,7 +85,7 @@ def main() -> None:
             continue
         extra: tuple[str, ...] = ()
         train_shards = shards["train"]
-        environment = dict(os.environ)
+        environment, workdir = dict(os.environ), os.getcwd()
         if variant == "stream_off":
             train_shards = os.path.join(args.out, "ingest-train-sorted")
             dataengine("ingest", "--images", os.path.join(args.out, "split", "train"), "--out", train_shards,
@@ -83,13 +101,18 @@ def main() -> None:
             if not args.momentum_off_tree:
                 print(f"{key}: not run: give --momentum-off-tree", flush=True)
                 continue
-            environment["PYTHONPATH"] = os.path.abspath(args.momentum_off_tree)
+            tree = os.path.abspath(args.momentum_off_tree)
+            if not imported_from(tree).startswith(tree + os.sep):
+                raise SystemExit(f"--momentum-off-tree {tree}: the trainer is not imported from it")
+            # ``python -m`` puts its working folder first on sys.path: run it in the tree, not in this checkout.
+            environment["PYTHONPATH"], workdir = tree, tree
         elif variant == "sample_off":
             extra = ("--sample-per-centroid", "256")
         start = time.perf_counter()
-        saved = dict(os.environ)
+        saved, cwd = dict(os.environ), os.getcwd()
         os.environ.clear()
         os.environ.update(environment)
+        os.chdir(workdir)
         try:
             # The default variant is the protocol's DeeperCluster run of this seed (trained once, shared).
             run = os.path.join(args.out, *(("runs", "deepercluster") if variant == "default" else
@@ -100,6 +123,9 @@ def main() -> None:
         finally:
             os.environ.clear()
             os.environ.update(saved)
+            os.chdir(cwd)
+        if variant == "grad_off" and trained_config(training["checkpoint"])["sub_head_grad_mean"] != extra[1]:
+            raise SystemExit(f"{key}: the run did not train with {' '.join(extra)}")
         result = evaluate(args, training["checkpoint"], args.seed, shards, os.path.join(run, "eval")) | {
             "training": training, "seconds": round(time.perf_counter() - start, 1)}
         save_result(results_path, results, key, result)
