@@ -28,6 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from acceptance_cifar import dataengine  # noqa: E402
 
+from dataengine.errors import DataEngineError  # noqa: E402
+
 KINDS = ("class", "hashtag", "user", "gps", "device")
 
 
@@ -91,7 +93,7 @@ def deepercluster(args: argparse.Namespace, shards: str, run: str, classes: dict
                 continue
             try:
                 scored[name] = score(os.path.join(features, name), name, classes)
-            except (FileNotFoundError, KeyError, ValueError) as error:  # removed or not yet written
+            except (FileNotFoundError, KeyError, ValueError, DataEngineError) as error:  # removed or not yet written
                 print(f"{name}: not scored ({error})", flush=True)
                 continue
             with open(scored_path, "w") as handle:
