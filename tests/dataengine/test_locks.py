@@ -80,9 +80,12 @@ def test_a_forked_worker_that_outlives_its_killed_owner_does_not_keep_the_lock(t
         import os, time
         from dataengine.locks import OutputLock
         OutputLock({out!r}).acquire()
+        started, ready = os.pipe()
         if os.fork() == 0:  # a worker, still running when its parent is killed
+            os.write(ready, b"1")  # past fork(): its at-fork handlers have run
             time.sleep(60)
             os._exit(0)
+        os.read(started, 1)  # on a loaded machine the child may not have run yet when the parent is killed
         print("locked", flush=True)
         time.sleep(600)
     """)
