@@ -54,7 +54,7 @@ def trained_config(checkpoint: str) -> dict:
     """The optimisation section of a trainer checkpoint's stored configuration."""
     import torch
 
-    return json.loads(torch.load(checkpoint, map_location="cpu", weights_only=False)["config"])["optim"]
+    return json.loads(torch.load(checkpoint, map_location="cpu", weights_only=True)["config"])["optim"]
 
 
 def imported_from(tree: str) -> str:
