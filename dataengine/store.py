@@ -74,6 +74,8 @@ def metadata_batches(parquet: Any, columns: list[str] | None, batch_rows: int = 
     """
     for group in range(parquet.metadata.num_row_groups):
         yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
+
+
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
