@@ -56,6 +56,19 @@ def _usage() -> dict:
             "peak_rss_mb": own.ru_maxrss / 1024, "children_peak_rss_mb": children.ru_maxrss / 1024}
 
 
+def _read_json(path: str, default):
+    if not os.path.exists(path):
+        return default
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _write_json(path: str, value) -> None:
+    with open(path + ".partial", "w") as handle:
+        json.dump(value, handle)
+    os.replace(path + ".partial", path)
+
+
 def _bytes_under(*paths: str) -> int:
     total = 0
     for path in paths:
@@ -115,15 +128,30 @@ def part_metadata(args: argparse.Namespace, work: str) -> dict:
             merge_seconds.append(time.perf_counter() - begin)
 
     run.merge = timed_merge
+    # At 99M lines the ingest outlasts a working session: a killed run is resumed by the next one (ingest resumes
+    # after its last done part). Each attempt records its time as it goes, so the result adds them all up (an
+    # attempt's last ~30 s, and the part it was writing when killed, are counted twice: < 0.1% at 99M lines).
+    attempts_path = os.path.join(work, "metadata-attempts.json")
+    attempts = _read_json(attempts_path, [])
     start = time.perf_counter()
+    last_write = [start]
+
+    def record(rows: int = 0) -> None:
+        now = time.perf_counter()
+        if rows and now - last_write[0] < 30:
+            return
+        last_write[0] = now
+        _write_json(attempts_path, [*attempts, {"seconds": now - start, **_usage()}])
+
+    record()
     result = run_ingest(IngestConfig(yfcc=lines, metadata_only=True, out=os.path.join(work, "ingest"),
-                                     shard_size=args.part_rows, workers=1))
-    seconds = time.perf_counter() - start
+                                     shard_size=args.part_rows, workers=1), progress=record)
+    seconds = time.perf_counter() - start + sum(a["seconds"] for a in attempts)
     rows = sum(result.counts.values())
     return {"seconds": seconds, "generate_seconds": generated, "rows": rows, "counts": result.counts,
             "rows_per_s": rows / seconds, "merge_seconds": sum(merge_seconds),
             "merge_share": sum(merge_seconds) / seconds, "gzip_bytes": os.path.getsize(lines),
-            "output_bytes": _bytes_under(os.path.join(work, "ingest"))}
+            "output_bytes": _bytes_under(os.path.join(work, "ingest")), "earlier_attempts": attempts}
 
 
 def part_store(args: argparse.Namespace, work: str) -> dict:
@@ -353,9 +381,11 @@ def run_part(args: argparse.Namespace, work: str, name: str) -> dict:
     """Run one part in this process; record its result, CPU time and peak RSS."""
     result = globals()[f"part_{name}"](args, work)
     result.update(_usage())
-    with open(os.path.join(work, f"part-{name}.json.partial"), "w") as handle:
-        json.dump(result, handle)
-    os.replace(os.path.join(work, f"part-{name}.json.partial"), os.path.join(work, f"part-{name}.json"))
+    for earlier in result.get("earlier_attempts", ()):  # a part resumed after being killed: all its attempts
+        result["cpu_s"] += earlier["cpu_s"]
+        result["peak_rss_mb"] = max(result["peak_rss_mb"], earlier["peak_rss_mb"])
+        result["children_peak_rss_mb"] = max(result["children_peak_rss_mb"], earlier["children_peak_rss_mb"])
+    _write_json(os.path.join(work, f"part-{name}.json"), result)
     return result
 
 

@@ -1,0 +1,31 @@
+"""tools/bench_scale.py at a size CI affords: every part runs, and a metadata ingest resumed after a kill counts
+the time of every attempt."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _bench(tmp_path, *extra):
+    results = tmp_path / "results.json"
+    command = [sys.executable, os.path.join(ROOT, "tools", "bench_scale.py"), "--rows", "3000",
+               "--work", str(tmp_path / "work"), "--results", str(results), "--part-rows", "500", *extra]
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(results.read_text())
+
+
+def test_a_resumed_metadata_ingest_adds_up_the_time_of_its_earlier_attempts(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    killed = {"seconds": 1000.0, "cpu_s": 1500.0, "peak_rss_mb": 12345.0, "children_peak_rss_mb": 1.0}
+    (work / "metadata-attempts.json").write_text(json.dumps([killed]))
+    part = _bench(tmp_path, "--parts", "metadata", "--keep")["parts"]["metadata"]
+    assert part["rows"] == 3000 and part["counts"]["ok"] == 3000
+    assert 1000 < part["seconds"] < 1000 + 600 and 1500 < part["cpu_s"] < 1500 + 600
+    assert part["peak_rss_mb"] == 12345.0 and part["earlier_attempts"] == [killed]
+    assert part["rows_per_s"] == 3000 / part["seconds"]
