@@ -338,6 +338,8 @@ def plan_embed(config: PlanConfig, rates: dict[str, Any], *, arch: str | None = 
 
 def cluster_flops(config: PlanConfig, dim: int) -> tuple[float, int]:
     """Floating-point operations of a clustering, and the passes it makes over the stored features."""
+    from indexes.faiss_index import ivf_training_rows
+
     n, pca = config.num_images, min(config.pca_dim or dim, dim)
     flops = 2.0 * n * dim * dim  # covariance of the PCA
     total_clusters = 1
@@ -348,7 +350,10 @@ def cluster_flops(config: PlanConfig, dim: int) -> tuple[float, int]:
     passes = 1 + 2 * len(config.levels) + (1 if config.neighbor_index else 0)
     flops += (passes - 1) * 2.0 * n * dim * pca  # whitening at every pass after the PCA fit
     if config.neighbor_index and n > 100_000:
-        flops += 2.0 * n * 4 * math.sqrt(n) * pca  # assigning every row to an IVF list
+        lists = 4 * math.sqrt(n)
+        flops += 2.0 * n * lists * pca  # assigning every row to an IVF list
+        trained = ivf_training_rows(n, int(lists))
+        flops += 10 * 2.0 * trained * lists * pca  # faiss trains the lists with 10 Lloyd iterations
     return flops, passes
 
 

@@ -98,6 +98,21 @@ def test_ivf_neighbor_index_recall_is_measured(kind, floor, blobs):
     assert recall >= floor, f"{kind} recall@1 = {recall:.3f}"
 
 
+@pytest.mark.parametrize("num_lists, sample", [(20, 1000), (500, 19_500), (1000, 30_000)])
+def test_ivf_lists_are_trained_on_at_least_39_rows_each(num_lists, sample, blobs, monkeypatch):
+    """At 96M rows an IVF has 39,192 lists and the 131,072-row default sample gave them 3 rows each (faiss warns
+    under 39, and places such lists poorly): the sample grows to 39 rows a list, at most every row."""
+    from indexes import faiss_index
+
+    sizes = []
+    original = faiss_index._training_rows
+    monkeypatch.setattr(faiss_index, "_training_rows", lambda *a: sizes.append(len(r := original(*a))) or r)
+    rows = blobs(30_000, 8, centers=20, seed=6)
+    config = NeighborIndexConfig(memory_budget_bytes=10**9, kind="ivf_flat", num_lists=num_lists, max_train_rows=1000)
+    index, _ = build_neighbor_index(ArrayDataset(rows, block_rows=4096), config)
+    assert sizes == [sample] and index.ntotal == 30_000
+
+
 def test_ivf_pq_precomputed_table_is_in_the_plan_or_not_built(blobs):
     """faiss's IVF-PQ precomputes a distance table of lists x code bytes x 256 floats (1.3 GB at 96M rows,
     32-byte codes): counted in the plan when it fits the budget, not built (nor rebuilt when read back) when it
