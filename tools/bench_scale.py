@@ -41,7 +41,7 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_name] = str(THREADS)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # on a shared machine, spinning OpenMP threads stall faiss
 
-PARTS = ("metadata", "store", "cluster", "report", "index", "trainer")
+PARTS = ("metadata", "store", "cluster", "cluster2", "report", "index", "trainer")
 DIM = 64
 LEVELS = (4, 1000)
 CLUSTERING = "scale"
@@ -234,6 +234,36 @@ def part_cluster(args: argparse.Namespace, work: str) -> dict:
             "output_bytes": _bytes_under(url) - before}
 
 
+def part_cluster2(args: argparse.Namespace, work: str) -> dict:
+    """The same clustering by `dataengine cluster` under torchrun, 2 gloo ranks of one thread each: every row
+    assigned, and its objective beside the single process's (correctness at scale; 2 cores make it no faster)."""
+    import numpy as np
+
+    from dataengine.clustering import open_clustering
+    from dataengine.store import open_store
+
+    url = os.path.join(work, "store.zarr")
+    name = f"{CLUSTERING}-2ranks"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "dataengine", "--quiet", "cluster", url, "--clustering", name, "--levels", ",".join(map(str, LEVELS)),
+               "--pca", "0", "--seed", str(args.seed), "--no-neighbor-index", "--threads", "1", "--overwrite",
+               "--json"]
+    start = time.perf_counter()
+    done = subprocess.run(command, check=True, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    seconds = time.perf_counter() - start
+    summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    store = open_store(url)
+    leaf = open_clustering(store, name).assignments(len(LEVELS) - 1)
+    with open(os.path.join(work, "part-cluster.json")) as handle:
+        single = json.load(handle)
+    objective = summaries[0]["objective"][-1] / store.num_rows
+    return {"seconds": seconds, "rows": store.num_rows, "world_size": summaries[0].get("world_size", 2),
+            "summaries": len(summaries), "unassigned_rows": int(np.count_nonzero(leaf[store.valid] < 0)),
+            "objective_per_row": objective, "single_process_objective_per_row": single["objective_per_row"],
+            "objective_vs_single_process": objective / single["objective_per_row"]}
+
+
 def part_report(args: argparse.Namespace, work: str) -> dict:
     from dataengine.clustering import open_clustering
     from dataengine.metrics.store import StoreLabels, evaluate_store, row_blocks
@@ -422,7 +452,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--part-rows", type=int, default=50_000, help="metadata rows per ingest part")
     parser.add_argument("--chunk-rows", type=int, default=32768, help="rows per feature chunk of the store")
-    parser.add_argument("--flat-sample", type=int, default=100_000, help="rows of the flat k-means sample")
+    parser.add_argument("--flat-sample", type=int, default=2_000_000, help="rows of the flat k-means sample")
     parser.add_argument("--index-memory-gb", type=float, default=4.0)
     parser.add_argument("--index-kind", default="ivf_pq", help="neighbour index kind (auto, flat, ivf_flat, ivf_pq)")
     parser.add_argument("--pq-bytes", type=int, default=32,
