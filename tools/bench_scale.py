@@ -82,7 +82,7 @@ def _bytes_under(*paths: str) -> int:
 # ----------------------------------------------------------------------------------------------- the parts
 
 
-def _write_metadata_lines(path: str, rows: int, seed: int) -> None:
+def _write_metadata_lines(path: str, rows: int, seed: int, video_rate: float = 0.0) -> None:
     """``rows`` synthetic YFCC lines, gzip: one synth corpus plan of up to 10,000 photos (its distributions of
     users, tags, GPS and devices), repeated with new photo ids and line numbers, and users renamed per copy so
     that the user vocabulary grows with the rows as in the synth corpus (a user per 20 photos)."""
@@ -95,7 +95,7 @@ def _write_metadata_lines(path: str, rows: int, seed: int) -> None:
     from dataengine.synth.plan import build_plan
 
     piece = min(rows, 10_000)
-    plan = build_plan(SynthConfig(num_images=piece, seed=seed, video_rate=0.0))
+    plan = build_plan(SynthConfig(num_images=piece, seed=seed, video_rate=video_rate))
     rng = np.random.default_rng(seed)
     template = [metadata_line(rng, plan, row).split("\t") for row in range(piece)]
     with gzip.open(path + ".partial", "wt", compresslevel=1, encoding="utf-8") as out:
@@ -115,7 +115,7 @@ def part_metadata(args: argparse.Namespace, work: str) -> dict:
     lines = os.path.join(work, "yfcc.tsv.gz")
     started = time.perf_counter()
     if not os.path.exists(lines):
-        _write_metadata_lines(lines, args.rows, args.seed)
+        _write_metadata_lines(lines, args.rows, args.seed, args.video_rate)
     generated = time.perf_counter() - started
     merge_seconds = []
     merge = merging.merge
@@ -445,7 +445,7 @@ def run_part(args: argparse.Namespace, work: str, name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, required=True, help="metadata lines (and so rows of every stage)")
+    parser.add_argument("--rows", type=int, required=True, help="metadata lines (their valid photo lines are the rows of every later stage)")
     parser.add_argument("--work", help="work folder (default: bench-scale-ROWS)")
     parser.add_argument("--results", help="results JSON (default: bench-scale-ROWS.json)")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
@@ -457,6 +457,11 @@ def main() -> None:
     parser.add_argument("--index-kind", default="ivf_pq", help="neighbour index kind (auto, flat, ivf_flat, ivf_pq)")
     parser.add_argument("--pq-bytes", type=int, default=32,
                         help="IVF-PQ code bytes (32: what 4 GB allows at 96M rows of 64 dimensions)")
+    parser.add_argument("--video-rate", type=float, default=0.0,
+                        help="videos per photo among the lines (0.03125: 99M lines give 96M photos, as YFCC100M's)")
+    parser.add_argument("--prune", action="store_true",
+                        help="once the metadata part is done, delete what no later part reads: the gzip lines and "
+                             "the ingest's per-part files (25 GB at 99M lines)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this child process
@@ -477,6 +482,8 @@ def main() -> None:
             command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--work", work, "--part", name]
             subprocess.run(command, check=True)
             print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        if name == "metadata" and args.prune:
+            _prune_metadata_inputs(work)
         with open(done) as handle:
             results["parts"][name] = json.load(handle)
         part = results["parts"][name]
@@ -489,6 +496,15 @@ def main() -> None:
         shutil.rmtree(work)
     if args.json:
         print(json.dumps(results))
+
+
+def _prune_metadata_inputs(work: str) -> None:
+    for path in (os.path.join(work, "yfcc.tsv.gz"), os.path.join(work, "ingest", "meta"),
+                 os.path.join(work, "ingest", "ledger")):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def _cpu_model() -> str:
