@@ -548,8 +548,8 @@ class _ColumnSink:
         encoded = pc.dictionary_encode(values)
         distinct = encoded.dictionary.to_pylist()
         codes = np.fromiter((self.code_of.get(value, -1) for value in distinct), dtype=np.int32, count=len(distinct))
-        indices = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False)
-        return np.where(indices >= 0, codes[np.maximum(indices, 0)] if len(codes) else -1, -1).astype(np.int32)
+        codes = np.append(codes, np.int32(-1))  # a null's index, -1 below, picks this last -1
+        return codes[pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False)]
 
     def close(self) -> None:
         self.main.close()

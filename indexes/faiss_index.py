@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 _PQ_BITS = 8
 _FAISS_MAX_PRECOMPUTED_TABLE = 1 << 31  # faiss's precomputed_table_max_bytes: above it, faiss never builds one
 _MIN_TRAIN_PER_LIST = 39  # faiss warns below 39 training points per list / per PQ centroid
+_MAX_TRAIN_ROWS = 131072
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +115,7 @@ class NeighborIndexConfig:
     """IVF lists visited per query (stored in the index)."""
     pq_bytes: int | None = None
     """IVF-PQ code size per vector (a divisor of the dimension); ``None``: the largest that fits the budget."""
-    max_train_rows: int = 131072
+    max_train_rows: int = _MAX_TRAIN_ROWS
     """Training sample for the IVF lists and PQ codebooks (drawn at random, seeded); raised to 39 rows per list
     when there are more lists than that covers (faiss's minimum: 1.5M rows, 0.4 GB of float32 at 96M rows)."""
     seed: int = 0
@@ -315,7 +316,7 @@ def _pq_sizes(dim: int, requested: int | None) -> list[int]:
     return [m for m in range(dim, 0, -1) if dim % m == 0]
 
 
-def ivf_training_rows(num_rows: int, num_lists: int, max_train_rows: int = 131072) -> int:
+def ivf_training_rows(num_rows: int, num_lists: int, max_train_rows: int = _MAX_TRAIN_ROWS) -> int:
     """Rows an IVF index is trained on: ``max_train_rows``, raised to 39 a list (at 96M rows, 39,192 lists, the
     default alone gave 3 rows a list: faiss warned, and placed the lists on too few points), at most every row."""
     return min(num_rows, max(max_train_rows, _MIN_TRAIN_PER_LIST * num_lists))
