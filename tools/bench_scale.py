@@ -19,6 +19,11 @@ Parts, each run in its own child process (its peak RSS is that process's, its wo
 6. ``trainer``: the trainer's bookkeeping driven by row ids only: labels joined from the clustering,
    the cluster-balanced stream of one epoch through a DataLoader with 2 workers, the stream positions
    checkpointed; the memory each worker holds of its own (USS) against the per-row arrays' size.
+   ``--trainer-rows`` cuts the epoch short and scales its time to the whole epoch.
+
+``--metadata tiled`` makes part 1 write the same metadata.parquet without ingesting every line (a 10,000-line
+template ingested, its rows repeated with new photo ids and users): minutes instead of hours at 96M rows, for
+the later parts; part 1's own figures need the default ``--metadata ingest``.
 
 Resumable: a finished part leaves ``WORK/part-NAME.json`` and is skipped on re-run. Once every part is done
 the results go to ``--results`` and ``WORK`` is removed (unless ``--keep``). Runs under ``nice -n 19`` with
@@ -94,7 +99,7 @@ def _write_metadata_lines(path: str, rows: int, seed: int, video_rate: float = 0
     from dataengine.synth.metadata import metadata_line
     from dataengine.synth.plan import build_plan
 
-    piece = min(rows, 10_000)
+    piece = min(rows, TEMPLATE_LINES)
     plan = build_plan(SynthConfig(num_images=piece, seed=seed, video_rate=video_rate))
     rng = np.random.default_rng(seed)
     template = [metadata_line(rng, plan, row).split("\t") for row in range(piece)]
@@ -102,14 +107,20 @@ def _write_metadata_lines(path: str, rows: int, seed: int, video_rate: float = 0
         for row in range(rows):
             fields = list(template[row % piece])
             copy = row // piece
-            fields[0], fields[1] = str(row), str(1_000_000_007 + 3 * row)
+            fields[0], fields[1] = str(row), str(FIRST_PHOTO_ID + 3 * row)
             if copy:
                 fields[3] = f"{fields[3]}-{copy}"
             out.write("\t".join(fields) + "\n")
     os.replace(path + ".partial", path)
 
 
+TEMPLATE_LINES = 10_000
+FIRST_PHOTO_ID = 1_000_000_007  # a line's photo id: FIRST_PHOTO_ID + 3 * line
+
+
 def part_metadata(args: argparse.Namespace, work: str) -> dict:
+    if args.metadata == "tiled":
+        return _tiled_metadata(args, work)
     from dataengine.ingest import IngestConfig, merging, run, run_ingest
 
     lines = os.path.join(work, "yfcc.tsv.gz")
@@ -152,6 +163,52 @@ def part_metadata(args: argparse.Namespace, work: str) -> dict:
             "rows_per_s": rows / seconds, "merge_seconds": sum(merge_seconds),
             "merge_share": sum(merge_seconds) / seconds, "gzip_bytes": os.path.getsize(lines),
             "output_bytes": _bytes_under(os.path.join(work, "ingest")), "earlier_attempts": attempts}
+
+
+def _tiled_metadata(args: argparse.Namespace, work: str) -> dict:
+    """``metadata.parquet`` of the lines ``_write_metadata_lines`` makes, without ingesting them: the template's
+    lines are ingested, then their rows repeated with each copy's photo ids (the key too) and users, exactly
+    as ingesting every line would write them (tests check it). For the later parts at a row count whose
+    ingest would not fit the time at hand; the ingest's own figures need ``--metadata ingest``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from dataengine.ingest import IngestConfig, run_ingest
+
+    start = time.perf_counter()
+    piece = min(args.rows, TEMPLATE_LINES)
+    lines = os.path.join(work, "template.tsv.gz")
+    if not os.path.exists(lines):
+        _write_metadata_lines(lines, piece, args.seed, args.video_rate)
+    template_out = os.path.join(work, "template-ingest")
+    run_ingest(IngestConfig(yfcc=lines, metadata_only=True, out=template_out, shard_size=args.part_rows,
+                            workers=0))
+    template = pq.read_table(os.path.join(template_out, "metadata.parquet"))
+    line = (template["photo_id"].to_numpy() - FIRST_PHOTO_ID) // 3
+    columns = template.column_names
+    target = os.path.join(work, "ingest", "metadata.parquet")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    copies_per_group = max(1, 1_000_000 // piece)
+    rows = 0
+    with pq.ParquetWriter(target + ".partial", template.schema) as writer:
+        pending = []
+        for copy in range(-(-args.rows // piece)):
+            keep = line < args.rows - copy * piece
+            part = template if keep.all() else template.filter(pa.array(keep))
+            photo_id = pa.array(FIRST_PHOTO_ID + 3 * (copy * piece + line[keep]))
+            user = part["user"] if not copy else pc.binary_join_element_wise(part["user"], f"-{copy}", "")
+            replaced = {"key": pc.cast(photo_id, pa.string()), "photo_id": photo_id, "user": user}
+            pending.append(pa.table([replaced.get(name, part[name]) for name in columns], schema=template.schema))
+            rows += len(part)
+            if len(pending) == copies_per_group:
+                writer.write_table(pa.concat_tables(pending), row_group_size=1 << 30)
+                pending = []
+        if pending:
+            writer.write_table(pa.concat_tables(pending), row_group_size=1 << 30)
+    os.replace(target + ".partial", target)
+    return {"mode": "tiled", "seconds": time.perf_counter() - start, "rows": rows, "lines": args.rows,
+            "template_rows": template.num_rows, "output_bytes": os.path.getsize(target)}
 
 
 def part_store(args: argparse.Namespace, work: str) -> dict:
@@ -372,7 +429,7 @@ def part_trainer(args: argparse.Namespace, work: str) -> dict:
     per_row_bytes = sum(a.nbytes for a in (labels.balance, labels.parents, labels.local))
     worker_uss: list[float] = []
     positions: dict[int, tuple[int, int]] = {}
-    emitted, batches = 0, 0
+    emitted, batches, cut_short = 0, 0, False
     epoch_start = time.perf_counter()
     for rows, worker, block, offset in loader:
         parents, local = labels.parents[rows.numpy()], labels.local[rows.numpy()]  # the label join
@@ -385,13 +442,20 @@ def part_trainer(args: argparse.Namespace, work: str) -> dict:
                     worker_uss.append(child.memory_full_info().uss / 2**20)
                 except psutil.Error:
                     pass
-    epoch_seconds = time.perf_counter() - epoch_start
+        if args.trainer_rows and emitted >= args.trainer_rows:
+            cut_short = True
+            break
+    measured_seconds = time.perf_counter() - epoch_start
+    del loader  # its workers stop here when the epoch was cut short
+    # An epoch emits about as many rows as the store has (cut short: its time scaled to them).
+    epoch_seconds = measured_seconds * store.num_rows / emitted if cut_short else measured_seconds
     checkpoint = os.path.join(work, "sampler_state.pt")
     begin = time.perf_counter()
     torch.save({"positions": positions, "balance": balance.digest()}, checkpoint)
     checkpoint_seconds = time.perf_counter() - begin
     return {"seconds": time.perf_counter() - start, "rows": store.num_rows, "emitted": emitted,
-            "epoch_seconds": epoch_seconds, "label_join_seconds": join_seconds,
+            "epoch_seconds": epoch_seconds, "epoch_extrapolated": cut_short,
+            "measured_seconds": measured_seconds, "label_join_seconds": join_seconds,
             "per_row_arrays_mb": per_row_bytes / 2**20, "worker_uss_mb_max": max(worker_uss, default=0.0),
             "workers": workers, "checkpoint_bytes": os.path.getsize(checkpoint),
             "checkpoint_seconds": checkpoint_seconds, "clusters": int(balance.num_nonempty)}
@@ -459,6 +523,13 @@ def main() -> None:
                         help="IVF-PQ code bytes (32: what 4 GB allows at 96M rows of 64 dimensions)")
     parser.add_argument("--video-rate", type=float, default=0.0,
                         help="videos per photo among the lines (0.03125: 99M lines give 96M photos, as YFCC100M's)")
+    parser.add_argument("--metadata", choices=("ingest", "tiled"), default="ingest",
+                        help="ingest: every line through `ingest --metadata-only` (the metadata part's figures); "
+                             "tiled: ingest a 10,000-line template and repeat its rows with new photo ids and "
+                             "users, the same metadata.parquet in minutes (for the later parts only)")
+    parser.add_argument("--trainer-rows", type=int, default=0,
+                        help="stop the trainer part's epoch after this many rows and extrapolate the epoch's time "
+                             "(0: the whole epoch)")
     parser.add_argument("--prune", action="store_true",
                         help="once the metadata part is done, delete what no later part reads: the gzip lines and "
                              "the ingest's per-part files (25 GB at 99M lines)")
