@@ -328,7 +328,7 @@ class Trainer:
         self.network.train()
         current, start = self.current, time.perf_counter()
         for images, rows, *pieces in loader:
-            if self.step >= steps or not distributed.all_true(not self.budget.out_of_time()):
+            if self.step >= steps or self._out_of_time():
                 break
             # Copied from pinned memory while the rotations are drawn; rotated on the device.
             images = images.to(self.device, non_blocking=True)
@@ -393,19 +393,27 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _end_epoch(self) -> None:
+    def _end_epoch(self) -> bool:
         """Log the epoch's record, then checkpoint, then rewrite ``metrics.jsonl`` from the checkpoint's records
-        (so a kill in between never leaves a line the resumed run would write twice)."""
+        (so a kill in between never leaves a line the resumed run would write twice). Returns whether the time
+        budget was spent before the checkpoint: a run that stops for it leaves a checkpoint that says so, and
+        its resume trains no further."""
         record = self.current.finish(self.world_size)
         if self.labels is not None:
             record["clustering_name"] = self.labels.name
         self.metrics.append(record)
         logger.info("epoch %d: %s", record["epoch"], {k: v for k, v in record.items() if k != "clustering"})
         self.epoch, self.step, self.current = self.epoch + 1, 0, None
+        out_of_time = self._out_of_time()  # before the checkpoint, so that it records at least that much time
         self.milestone("epoch.ending")
         self.save()
         self.milestone("epoch.saved")
         self._write_metrics()
+        return out_of_time
+
+    def _out_of_time(self) -> bool:
+        """Whether the time budget is spent, on every rank if on any (ranks stop together)."""
+        return not distributed.all_true(not self.budget.out_of_time())
 
     def run(self) -> TrainResult:
         """Train until ``epochs`` (or the time budget), resuming from ``RUN/checkpoint.pt`` if present."""
@@ -421,11 +429,12 @@ class Trainer:
         if self.rank == 0:  # shards of checkpoints that never were written, or were replaced
             remove_sub_heads(self.folder, keep=self.sub_heads_tag)
         self._write_metrics()  # a line written after the last checkpoint belongs to work that is redone
-        while self.epoch < self.config.schedule.epochs and not self.budget.out_of_time():
+        out_of_time = self._out_of_time()
+        while self.epoch < self.config.schedule.epochs and not out_of_time:
             if self.current is None:
                 self._start_epoch()
             self.train_epoch(self.epoch)
-            self._end_epoch()
+            out_of_time = self._end_epoch()
         return TrainResult(self.config.out, self.checkpoint_path, self.epoch, self.total_steps,
                            time.perf_counter() - start, self.metrics)
 

@@ -217,6 +217,30 @@ def test_time_budget_stops_the_run_and_counts_across_resumes(shards, tmp_path, c
         _config(shards, tmp_path, budget_clock="gpu")
 
 
+def test_a_run_stopped_by_its_budget_leaves_a_checkpoint_that_says_the_budget_is_spent(shards, tmp_path,
+                                                                                      monkeypatch):
+    # The budget runs out just after an epoch's checkpoint (the clock jumps there): the run must not stop on a
+    # checkpoint that records less than the budget, whose resume would train on.
+    import types
+
+    import trainer.budget
+
+    jump = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + jump[0])
+    monkeypatch.setattr(trainer.budget, "time", clock)
+
+    def milestone(name: str) -> None:
+        if name == "epoch.saved":
+            jump[0] = 1000.0
+
+    config = _config(shards, tmp_path / "run", mode="rotnet", epochs=50, time_budget=500.0)
+    first = run_train(config, milestone=milestone)
+    assert first.epochs < 50
+    assert torch.load(first.checkpoint, weights_only=True)["elapsed"] >= 500.0
+    again = run_train(config)
+    assert (again.epochs, again.steps) == (first.epochs, first.steps)
+
+
 def test_cpu_clock_counts_live_and_finished_child_processes():
     from trainer.budget import CpuClock
 
