@@ -191,7 +191,7 @@ def _tiled_metadata(args: argparse.Namespace, work: str) -> dict:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     copies_per_group = max(1, 1_000_000 // piece)
     rows = 0
-    with pq.ParquetWriter(target + ".partial", template.schema) as writer:
+    with pq.ParquetWriter(target + ".partial", template.schema, compression="zstd") as writer:  # as ingest
         pending = []
         for copy in range(-(-args.rows // piece)):
             keep = line < args.rows - copy * piece

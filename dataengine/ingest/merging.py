@@ -79,7 +79,7 @@ def _write_metadata(out: Location, parts: list[dict[str, Any]], num_nodes: int, 
     if extra_columns:  # a URL list's: the ingest columns, then the extra columns of every part
         schema = unified_schema([pq.ParquetFile(io.BytesIO(out.read_bytes(f"meta/{s['part']}.parquet"))).schema_arrow
                                  for s in parts])
-    with create_private(local) as handle, pq.ParquetWriter(handle, schema) as writer:
+    with create_private(local) as handle, pq.ParquetWriter(handle, schema, compression="zstd") as writer:
         index = 0
         for stats in parts:
             table = read_part(out, stats["part"])

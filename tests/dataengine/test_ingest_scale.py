@@ -26,6 +26,19 @@ def _metadata(tmp_path, lines):
     return str(tmp_path / "meta.tsv")
 
 
+def test_the_merged_metadata_is_compressed_like_its_parts(tmp_path):
+    # It was written with pyarrow's default (snappy) while its parts are zstd: 467 MB merged from 279 MB of
+    # parts at 10M rows.
+    lines = [yfcc_line(1000 + i, i) for i in range(400)]
+    out = tmp_path / "out"
+    run_ingest(IngestConfig(yfcc=_metadata(tmp_path, lines), metadata_only=True, out=str(out), shard_size=100,
+                            workers=0))
+    merged = pq.ParquetFile(out / "metadata.parquet").metadata
+    codecs = {merged.row_group(g).column(c).compression for g in range(merged.num_row_groups)
+              for c in range(merged.num_columns)}
+    assert codecs == {"ZSTD"}
+
+
 def test_metadata_only_ingest_writes_every_valid_line_and_no_shard(tmp_path):
     lines = [yfcc_line(1000 + i, i) for i in range(12)]
     lines += [yfcc_line(2000, 12, marker="1"), "only\tthree\tfields", yfcc_line(1001, 14)]
