@@ -349,23 +349,24 @@ def cluster_flops(config: PlanConfig, dim: int) -> tuple[float, int]:
         flops += config.num_iterations * 2.0 * trained * k * pca + 2.0 * n * k * pca  # Lloyd + assignment
     passes = 1 + 2 * len(config.levels) + (1 if config.neighbor_index else 0)
     flops += (passes - 1) * 2.0 * n * dim * pca  # whitening at every pass after the PCA fit
-    if config.neighbor_index and n > 100_000:
-        lists = 4 * math.sqrt(n)
+    lists = _neighbor_index_plan(config, pca).num_lists if config.neighbor_index else 0
+    if lists:  # an IVF index (a flat one costs nothing to build)
         flops += 2.0 * n * lists * pca  # assigning every row to an IVF list
-        trained = ivf_training_rows(n, int(lists))
+        trained = ivf_training_rows(n, lists)
         flops += 10 * 2.0 * trained * lists * pca  # faiss trains the lists with 10 Lloyd iterations
     return flops, passes
 
 
-def _neighbor_index_bytes(config: PlanConfig, pca: int) -> int:
-    from indexes.faiss_index import NeighborIndexConfig, plan_neighbor_index
+def _neighbor_index_plan(config: PlanConfig, pca: int):
+    """The neighbour index the clustering would build; one of ``--index-memory-gb`` bytes when none fits (the
+    clustering refuses it then)."""
+    from indexes.faiss_index import NeighborIndexConfig, NeighborIndexPlan, plan_neighbor_index
 
     try:
-        plan = plan_neighbor_index(config.num_images, pca, NeighborIndexConfig(
+        return plan_neighbor_index(config.num_images, pca, NeighborIndexConfig(
             memory_budget_bytes=config.index_memory_bytes))
     except ValueError:
-        return config.index_memory_bytes
-    return plan.estimated_bytes
+        return NeighborIndexPlan(kind="none", num_lists=0, pq_bytes=0, estimated_bytes=config.index_memory_bytes)
 
 
 def plan_cluster(config: PlanConfig, rates: dict[str, Any], *, dim: int | None = None) -> StagePlan:
@@ -379,7 +380,7 @@ def plan_cluster(config: PlanConfig, rates: dict[str, Any], *, dim: int | None =
     flops, passes = cluster_flops(config, dim)
     work = flops / (rates["gflops_per_core"] * 1e9) + passes * config.num_images * dim * rates["read_seconds_per_value"]
     seconds, cpu = _times(config, rates["fixed_cpu_seconds"], work)
-    index_bytes = _neighbor_index_bytes(config, pca) if config.neighbor_index else 0
+    index_bytes = _neighbor_index_plan(config, pca).estimated_bytes if config.neighbor_index else 0
     clusters, sample = 1, 0
     for k in config.levels:
         clusters *= k
