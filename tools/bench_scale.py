@@ -357,8 +357,22 @@ def part_index(args: argparse.Namespace, work: str) -> dict:
     start = time.perf_counter()
     whitened = ArrayDataset(store.features, block_rows=store.features.chunks[0], transform=pca.apply,
                             transform_dim=pca.output_dim)
-    index, plan = build_neighbor_index(whitened, config)
+    # WORK/index-progress.json: how far the build got, should the part not finish (96M rows: about 2 hours).
+    progress_path = os.path.join(work, "index-progress.json")
+    added = [0, 0.0]  # rows added to the lists, and when the adding began (the training and assignment done)
+
+    def heartbeat(rows: int = 0, stage: str = "adding") -> None:
+        now = time.perf_counter()
+        if not added[1]:
+            added[1] = now
+        added[0] += rows
+        if stage != "adding" or added[0] % (1 << 22) < rows:
+            _write_json(progress_path, {"stage": stage, "seconds": now - start, "rows_added": added[0],
+                                        "trained_and_assigned_seconds": added[1] - start, **_usage()})
+
+    index, plan = build_neighbor_index(whitened, config, progress=heartbeat)
     seconds = time.perf_counter() - start
+    heartbeat(stage="built")
     index_bytes = len(faiss.serialize_index(index))
     # Recall of the index built: --full-recall-queries of its rows as queries, exact search over every row
     # (block by block).
@@ -382,6 +396,7 @@ def part_index(args: argparse.Namespace, work: str) -> dict:
     exact.add(rows)
     recall = _recall_at_10(found, exact.search(queries, 10)[1])
     return {"seconds": seconds, "rows": store.num_rows, "plan": plan.to_dict(), "index_bytes": index_bytes,
+            "trained_and_assigned_seconds": added[1] - start,
             "recall_at_10_full": full_recall, "recall_full_seconds": full_recall_seconds,
             "recall_full_queries": wanted,
             "recall_subsample_rows": len(rows), "recall_plan": small_plan.to_dict(), "recall_at_10": recall,
