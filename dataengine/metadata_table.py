@@ -81,6 +81,14 @@ def rows_to_parquet_bytes(rows: list[dict[str, Any]], extra_columns: bool = Fals
         table = rows_table(rows)
     else:
         table = rows_to_table(rows)
+    return table_to_parquet_bytes([table])
+
+
+def table_to_parquet_bytes(tables: list["pa.Table"]) -> bytes:
+    """Tables of one schema, one after the other, as a Parquet file in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(tables[0] if len(tables) == 1 else pa.concat_tables(tables), buffer, compression="zstd")
     return buffer.getvalue()

@@ -27,7 +27,7 @@ the later parts; part 1's own figures need the default ``--metadata ingest``.
 
 Resumable: a finished part leaves ``WORK/part-NAME.json`` and is skipped on re-run. Once every part is done
 the results go to ``--results`` and ``WORK`` is removed (unless ``--keep``). Runs under ``nice -n 19`` with
-2 threads at most (BLAS, torch, faiss; ingest uses 1 worker process beside its writer).
+2 threads at most (BLAS, torch, faiss; ingest parses in 2 worker processes beside its writer).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def part_metadata(args: argparse.Namespace, work: str) -> dict:
 
     record()
     result = run_ingest(IngestConfig(yfcc=lines, metadata_only=True, out=os.path.join(work, "ingest"),
-                                     shard_size=args.part_rows, workers=1), progress=record)
+                                     shard_size=args.part_rows, workers=THREADS), progress=record)
     seconds = time.perf_counter() - start + sum(a["seconds"] for a in attempts)
     rows = sum(result.counts.values())
     return {"seconds": seconds, "generate_seconds": generated, "rows": rows, "counts": result.counts,

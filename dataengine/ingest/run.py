@@ -83,7 +83,7 @@ def _ingest(out: Location, config: IngestConfig, found: str, start: float,
         ordered = ingest_order(iter_rows(config.yfcc, config.images, config.storage_options, config.url_list_spec),
                                config.shuffled, config.seed, spool)
         rows = (r for r in ordered if r.index >= state.input_end and config.owns(r.index))
-        for samples in ordered_results(config, blocks_of(rows, config.block_rows)):
+        for samples in ordered_results(config, blocks_of(rows, config.rows_per_block)):
             writer.add_block(samples)
             if progress:
                 progress(len(samples))

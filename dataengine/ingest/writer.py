@@ -13,9 +13,9 @@ from typing import Any
 
 from dataengine.fs import Location
 from dataengine.ingest.config import IngestConfig
-from dataengine.ingest.pipeline import Sample
+from dataengine.ingest.pipeline import MetadataBlock, Sample
 from dataengine.ingest.resume import ResumeState
-from dataengine.metadata_table import rows_to_parquet_bytes
+from dataengine.metadata_table import rows_to_parquet_bytes, table_to_parquet_bytes
 from dataengine.shards import IMAGE_DATA_OFFSET
 from dataengine.tario import TarWriter
 
@@ -44,6 +44,8 @@ class ShardWriter:
     def _reset(self) -> None:
         self._tar: TarWriter | None = None
         self._meta: list[dict[str, Any]] = []
+        self._tables: list[Any] = []  # metadata-only mode: the part's rows as Arrow tables
+        self._num_meta = 0  # rows of the part: its samples (with an image) or its metadata rows
         self._ledger: list[dict[str, Any]] = []
         self._counts: collections.Counter = collections.Counter()
         self._last_row = self.input_start - 1
@@ -53,8 +55,11 @@ class ShardWriter:
     def name(self) -> str:
         return f"{self.config.shard_prefix}-{self.index:06d}"
 
-    def add_block(self, samples: list[Sample]) -> None:
+    def add_block(self, samples: list[Sample] | MetadataBlock) -> None:
         """Record a block of rows, in input order (the photo ids seen before are looked up at once)."""
+        if isinstance(samples, MetadataBlock):
+            self._add_metadata_block(samples)
+            return
         ok = [s.key for s in samples if s.status == "ok"]
         known = self.seen_keys.contains_many(ok) if ok else ()
         self._known = {key for key, hit in zip(ok, known) if hit}
@@ -64,17 +69,50 @@ class ShardWriter:
         self.seen_keys.add_many(list(self._block_keys))
         self._known, self._block_keys = set(), set()
 
+    def _add_metadata_block(self, block: MetadataBlock) -> None:
+        """Metadata-only mode: the block's ledger entries, and its ok rows' table cut at the parts' ends (a
+        photo id seen before makes its row ``bad_metadata``, as in :meth:`_classify`)."""
+        import numpy as np
+
+        ok = [i for i, status in enumerate(block.statuses) if status == "ok"]
+        keys = [block.keys[i] for i in ok]
+        known = self.seen_keys.contains_many(keys) if keys else ()
+        statuses, errors, stored = block.statuses, block.errors, set()
+        kept = np.ones(len(ok), bool)
+        for j, (i, key, hit) in enumerate(zip(ok, keys, known)):
+            if hit or key in stored:
+                statuses[i], errors[i], kept[j] = "bad_metadata", f"photo id {key} appears again", False
+            else:
+                stored.add(key)
+        self.seen_keys.add_many(list(stored))
+        table = block.table if kept.all() else block.table.filter(kept)
+        taken = 0  # rows of ``table`` in parts
+        for row, key, status, error in zip(block.rows, block.keys, statuses, errors):
+            self._ledger.append({"row": row, "id": key, "status": status, "error": error, "shard": None})
+            self._counts[status] += 1
+            self._last_row = row
+            if status == "ok":
+                self._num_meta += 1
+                if self._num_meta == self.config.shard_size:
+                    end = taken + self._num_meta - sum(t.num_rows for t in self._tables)
+                    self._tables.append(table.slice(taken, end - taken))
+                    taken = end
+                    self.close_shard()
+        if taken < table.num_rows:
+            self._tables.append(table.slice(taken))
+
     def _add(self, sample: Sample) -> None:
         """Record one row of the block being added; ok samples go into the open shard, which closes once full."""
         self._classify(sample)
-        shard = self._shard if sample.status == "ok" and not self.config.metadata_only else None
+        shard = self._shard if sample.status == "ok" else None
         self._ledger.append({"row": sample.row, "id": sample.key, "status": sample.status,
                              "error": sample.error, "shard": shard})
         self._counts[sample.status] += 1
         self._last_row = sample.row
         if sample.status == "ok":
             self._write_sample(sample)
-            if len(self._meta) == self.config.shard_size:
+            self._num_meta += 1
+            if self._num_meta == self.config.shard_size:
                 self.close_shard()
 
     def _classify(self, sample: Sample) -> None:
@@ -82,9 +120,6 @@ class ShardWriter:
             return
         if sample.key in self._known or sample.key in self._block_keys:
             sample.status, sample.error = "bad_metadata", f"photo id {sample.key} appears again"
-            return
-        if self.config.metadata_only:
-            self._block_keys.add(sample.key)
             return
         digest = bytes.fromhex(sample.sha256)[:16]
         first = self.seen_hashes.get(digest)
@@ -96,10 +131,6 @@ class ShardWriter:
 
     def _write_sample(self, sample: Sample) -> None:
         row = sample.metadata  # the worker's copy: completed in place into the parquet row
-        if self.config.metadata_only:  # a metadata row without an image: in no shard
-            row.update(shard=-1, position=-1, offset=-1, size=0)
-            self._meta.append(row)
-            return
         if self._tar is None:
             self._tar = TarWriter(os.path.join(self.scratch, f"{self.name}.tar.partial"))
         offset = self._tar.offset + IMAGE_DATA_OFFSET
@@ -111,8 +142,9 @@ class ShardWriter:
         """Publish the open shard: tar, ledger part, metadata part, and last its stats."""
         if not self._ledger:
             return
-        stats: dict[str, Any] = {"index": self.index, "part": self.name, "name": None, "num_samples": len(self._meta), "bytes": 0,
-                                 "sha256": None, "input_start": self.input_start, "input_end": self._last_row + 1,
+        stats: dict[str, Any] = {"index": self.index, "part": self.name, "name": None, "num_samples": self._num_meta,
+                                 "bytes": 0, "sha256": None, "input_start": self.input_start,
+                                 "input_end": self._last_row + 1,
                                  "counts": dict(self._counts), "node_rank": self.config.node_rank}
         if self._tar is not None:
             size, digest = self._tar.close()
@@ -121,11 +153,13 @@ class ShardWriter:
             self.num_shards += 1
         if self._meta:
             self.out.write_bytes(f"meta/{self.name}.parquet", rows_to_parquet_bytes(self._meta, self._extra_columns))
+        elif self._tables:
+            self.out.write_bytes(f"meta/{self.name}.parquet", table_to_parquet_bytes(self._tables))
         ledger = "".join(_LEDGER_JSON.encode(entry) + "\n" for entry in self._ledger)
         self.out.write_bytes(f"ledger/{self.name}.jsonl", ledger.encode())
         self.out.write_json(f"stats/{self.name}.json", stats)
         self.done_counts.update(self._counts)
-        self.num_samples += len(self._meta)
+        self.num_samples += self._num_meta
         self.index += 1
         self.input_start = self._last_row + 1
         self._reset()

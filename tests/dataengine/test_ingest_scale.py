@@ -14,10 +14,11 @@ import pytest
 from dataengine.errors import InputUnusableError
 from dataengine.fs import Location
 from dataengine.ingest import IngestConfig, run_ingest
-from dataengine.ingest.pipeline import Sample
+from dataengine.ingest.pipeline import MetadataBlock
 from dataengine.ingest.resume import ResumeState
 from dataengine.ingest.seen import KeySet
 from dataengine.ingest.writer import ShardWriter
+from dataengine.metadata_table import rows_to_table
 from tests.dataengine.test_ingest import ingest_files, yfcc_line
 
 
@@ -37,6 +38,39 @@ def test_the_merged_metadata_is_compressed_like_its_parts(tmp_path):
     codecs = {merged.row_group(g).column(c).compression for g in range(merged.num_row_groups)
               for c in range(merged.num_columns)}
     assert codecs == {"ZSTD"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_metadata_only_blocks_cut_into_parts_keep_every_first_photo_id_once_in_input_order(tmp_path, workers):
+    # Blocks of 1,024 rows come back as one table each; parts of 700 rows end inside blocks, and photo ids
+    # come again within a block, in a later block and in a later part.
+    rng = random.Random(0)
+    lines, expected, statuses = [], [], []
+    for row in range(3000):
+        photo_id = 10_000 + row
+        if row % 97 == 5:
+            photo_id = 10_000 + rng.randrange(row)  # seen before (a row < this one, maybe bad itself)
+        if row % 211 == 7:
+            lines.append("bad\tline")
+            statuses.append("bad_metadata")
+            continue
+        lines.append(yfcc_line(photo_id, row))
+        if str(photo_id) in expected:
+            statuses.append("bad_metadata")
+        else:
+            expected.append(str(photo_id))
+            statuses.append("ok")
+    out = tmp_path / "out"
+    result = run_ingest(IngestConfig(yfcc=_metadata(tmp_path, lines), metadata_only=True, out=str(out),
+                                     shard_size=700, workers=workers))
+    assert result.counts["ok"] == len(expected) and result.counts["bad_metadata"] == 3000 - len(expected)
+    assert pq.read_table(out / "metadata.parquet")["key"].to_pylist() == expected
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert [entry["status"] for entry in ledger] == statuses and [e["row"] for e in ledger] == list(range(3000))
+    sizes = [json.loads(path.read_text())["num_samples"] for path in sorted((out / "stats").glob("*.json"))]
+    assert sizes == [700] * (len(expected) // 700) + [len(expected) % 700]
+    parts = [pq.read_table(path)["key"].to_pylist() for path in sorted((out / "meta").glob("*.parquet"))]
+    assert [key for part in parts for key in part] == expected
 
 
 def test_metadata_only_ingest_writes_every_valid_line_and_no_shard(tmp_path):
@@ -133,9 +167,11 @@ def test_the_key_set_holds_8_bytes_an_id_at_its_peak_not_a_doubling_hash_table()
     assert peak / len(ids) < 12, f"{peak / len(ids):.1f} bytes per id at the peak"
 
 
-def _block(start: int, count: int) -> list[Sample]:
-    return [Sample(row=r, key=str(10_000_000_000 + r), status="ok", metadata={"photo_id": 10_000_000_000 + r})
-            for r in range(start, start + count)]
+def _block(start: int, count: int) -> MetadataBlock:
+    rows = list(range(start, start + count))
+    keys = [str(10_000_000_000 + r) for r in rows]
+    table = rows_to_table([{"key": key, "photo_id": int(key), "shard": -1} for key in keys])
+    return MetadataBlock(rows, keys, ["ok"] * count, [None] * count, table)
 
 
 def test_the_writer_keeps_a_few_bytes_per_photo_id_not_a_string(tmp_path):
