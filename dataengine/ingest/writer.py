@@ -86,20 +86,19 @@ class ShardWriter:
                 stored.add(key)
         self.seen_keys.add_many(list(stored))
         table = block.table if kept.all() else block.table.filter(kept)
-        taken = 0  # rows of ``table`` in parts
+        start, in_part = 0, 0  # of ``table``: the first row of the open part, and its rows there so far
         for row, key, status, error in zip(block.rows, block.keys, statuses, errors):
             self._ledger.append({"row": row, "id": key, "status": status, "error": error, "shard": None})
             self._counts[status] += 1
             self._last_row = row
             if status == "ok":
-                self._num_meta += 1
+                self._num_meta, in_part = self._num_meta + 1, in_part + 1
                 if self._num_meta == self.config.shard_size:
-                    end = taken + self._num_meta - sum(t.num_rows for t in self._tables)
-                    self._tables.append(table.slice(taken, end - taken))
-                    taken = end
+                    self._tables.append(table.slice(start, in_part))
+                    start, in_part = start + in_part, 0
                     self.close_shard()
-        if taken < table.num_rows:
-            self._tables.append(table.slice(taken))
+        if in_part:
+            self._tables.append(table.slice(start))
 
     def _add(self, sample: Sample) -> None:
         """Record one row of the block being added; ok samples go into the open shard, which closes once full."""
