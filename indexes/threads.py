@@ -86,6 +86,19 @@ def single_threaded_kernels() -> Iterator[None]:
         torch.set_num_threads(torch_threads)
 
 
+@contextlib.contextmanager
+def faiss_threads(num_threads: int) -> Iterator[None]:
+    """Within the block faiss's OpenMP runs ``num_threads`` threads; its previous count is restored on exit."""
+    import faiss
+
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 def _threadpoolctl():
     try:
         import threadpoolctl
