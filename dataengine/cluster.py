@@ -344,13 +344,13 @@ def _write_model(writer: ClusteringWriter, pca: Any, result: Any) -> None:
 def _write_neighbor_index(writer: ClusteringWriter, config: ClusterConfig, features: Any, pca: Any,
                           lo: int, hi: int) -> str:
     from indexes.data import ArrayDataset
-    from indexes.faiss_index import NeighborIndexConfig, build_neighbor_index, index_to_bytes
+    from indexes.faiss_index import NeighborIndexConfig, build_neighbor_index
 
     whitened = ArrayDataset(features, block_rows=features.chunks[0], start=lo, stop=hi, transform=pca.apply,
                             transform_dim=pca.output_dim)
     index, plan = build_neighbor_index(whitened, NeighborIndexConfig(memory_budget_bytes=config.index_memory_bytes,
                                                                      seed=config.seed))
-    writer.write_neighbor_index(index_to_bytes(index), plan.to_dict())
+    writer.write_neighbor_index(index, plan.to_dict())
     return plan.kind
 
 

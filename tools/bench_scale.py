@@ -347,7 +347,7 @@ def part_index(args: argparse.Namespace, work: str) -> dict:
     from dataengine.clustering import open_clustering
     from dataengine.store import open_store
     from indexes.data import ArrayDataset
-    from indexes.faiss_index import NeighborIndexConfig, build_neighbor_index
+    from indexes.faiss_index import NeighborIndexConfig, build_neighbor_index, serialized_size
 
     faiss.omp_set_num_threads(THREADS)
     store = open_store(os.path.join(work, "store.zarr"))
@@ -373,7 +373,7 @@ def part_index(args: argparse.Namespace, work: str) -> dict:
     index, plan = build_neighbor_index(whitened, config, progress=heartbeat)
     seconds = time.perf_counter() - start
     heartbeat(stage="built")
-    index_bytes = len(faiss.serialize_index(index))
+    index_bytes = serialized_size(index)  # faiss.serialize_index would hold a copy of it
     # Recall of the index built: --full-recall-queries of its rows as queries, exact search over every row
     # (block by block).
     rng = np.random.default_rng(args.seed)
