@@ -5,7 +5,8 @@
 * :func:`build_neighbor_index` finds nearest neighbours among the clustered features; its type follows the
   number of rows and a memory budget (:func:`plan_neighbor_index`): flat, IVF-Flat or IVF-PQ.
 * :func:`index_to_bytes` / :func:`index_from_bytes` turn an index into bytes and back
-  (``faiss.serialize_index``); the caller stores the bytes next to the clustering.
+  (``faiss.serialize_index``); the caller stores the bytes next to the clustering. For a large index,
+  :func:`write_index_to` / :func:`index_from_pieces` do the same a piece at a time, without a copy of its bytes.
 
 Row ids in the neighbour index are local row indices (``0 .. data.num_rows - 1``), in order.
 """
@@ -223,7 +224,7 @@ def _train_ivf(index, rows: np.ndarray, seed: int) -> None:
 
     faiss would place the lists with its own k-means, whose assignment is a flat search on faiss's OpenMP
     threads around a multi-threaded BLAS GEMM: on 2 cores their busy-waiting made it 2.3-3.5 times slower
-    than one thread (39,192 lists: 5,000-7,500 rows/s against 17,000). :func:`indexes.kmeans.fit_kmeans`
+    than one thread (39,192 lists, busy: 4,900-7,400 rows/s against 17,000). :func:`indexes.kmeans.fit_kmeans`
     assigns with one runtime owning the cores (:mod:`indexes.assign`); 10 Lloyd iterations, as faiss's.
     Its centroids trained, faiss skips the quantizer's training and only assigns the rows (one thread) to
     train the encoder on their residuals.
@@ -306,10 +307,14 @@ def serialized_size(index) -> int:
     """Bytes of :func:`index_to_bytes` of ``index``, counted without holding them."""
     import faiss
 
-    counted = [0]
-    faiss.write_index(_on_cpu(index), faiss.PyCallbackIOWriter(lambda data: counted.append(counted.pop() + len(data)),
-                                                               1 << 20))
-    return counted[0]
+    counted = 0
+
+    def count(data: bytes) -> None:
+        nonlocal counted
+        counted += len(data)
+
+    faiss.write_index(_on_cpu(index), faiss.PyCallbackIOWriter(count, 1 << 20))
+    return counted
 
 
 def _on_cpu(index):
