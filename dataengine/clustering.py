@@ -318,19 +318,17 @@ class ClusteringWriter:
         self.store.write_array(layout_path(self.name, _CENTROID_INDEX), np.frombuffer(data, dtype=np.uint8))
 
     def write_neighbor_index(self, index: Any, attrs: dict[str, Any]) -> None:
-        """A FAISS index over every whitened row (or its serialised bytes), with its plan as attributes.
+        """A FAISS index over every whitened row, with its plan as attributes.
 
-        An index is serialised straight into the array's chunks: memory holds a chunk, not the index's bytes
-        (two copies of them beside a 96M-row index of 3.8 GB, were they made whole first).
+        Serialised straight into the array's chunks: memory holds a chunk, not the index's bytes (two copies of
+        them beside a 96M-row index of 3.8 GB, were they made whole first). Its size is counted first, by one
+        more pass of faiss's writer that keeps nothing.
         """
         from indexes.faiss_index import serialized_size, write_index_to
 
-        path = layout_path(self.name, _NEIGHBOR_INDEX)
-        if isinstance(index, (bytes, bytearray, memoryview, np.ndarray)):
-            self.store.write_array(path, np.frombuffer(index, dtype=np.uint8), attrs=attrs)
-            return
-        node = self.store.group.create_array(path, shape=(serialized_size(index),), dtype="uint8",
-                                             chunks=(INDEX_CHUNK_BYTES,), overwrite=True, attributes=attrs)
+        node = self.store.group.create_array(layout_path(self.name, _NEIGHBOR_INDEX), shape=(serialized_size(index),),
+                                             dtype="uint8", chunks=(INDEX_CHUNK_BYTES,), overwrite=True,
+                                             attributes=attrs)
         written = 0
 
         def put(piece: bytes) -> None:

@@ -410,12 +410,12 @@ def _exact_top10(data, queries):
 
     best_d = np.full((len(queries), 10), np.inf, np.float32)
     best_i = np.full((len(queries), 10), -1, np.int64)
-    for start, rows in data.iter_blocks():
-        with faiss_threads(1):  # faiss's OpenMP around its threaded GEMM: 2.8-3.5x slower than one thread here
+    with faiss_threads(1):  # faiss's OpenMP around its threaded GEMM: 2.8-3.5x slower than one thread here
+        for start, rows in data.iter_blocks():
             d, i = faiss.knn(queries, rows, min(10, len(rows)))
-        d, i = np.hstack([best_d, d]), np.hstack([best_i, i + start])
-        keep = np.argsort(d, axis=1, kind="stable")[:, :10]
-        best_d, best_i = np.take_along_axis(d, keep, 1), np.take_along_axis(i, keep, 1)
+            d, i = np.hstack([best_d, d]), np.hstack([best_i, i + start])
+            keep = np.argsort(d, axis=1, kind="stable")[:, :10]
+            best_d, best_i = np.take_along_axis(d, keep, 1), np.take_along_axis(i, keep, 1)
     return best_i
 
 

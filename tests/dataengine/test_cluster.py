@@ -272,6 +272,9 @@ def test_forged_faiss_indices_are_refused_in_one_line(tmp_path):
     short.add(rows[:60])
     wide = faiss.IndexFlatL2(3)
     wide.add(rows[:, :3].copy())
+    def forge(data: bytes) -> None:  # stored as the cluster stage stores an index: bytes in chunks
+        store.write_array(layout_path("c", "neighbor_index"), np.frombuffer(data, dtype=np.uint8))
+
     forged = {
         r"returned id 1000007, outside \[0, 120\)": _forged_ivf(rows, np.arange(120) + 10**6),
         r"returned id -5, outside \[0, 120\)": _forged_ivf(rows, np.full(120, -5)),
@@ -282,13 +285,13 @@ def test_forged_faiss_indices_are_refused_in_one_line(tmp_path):
         "is not a readable FAISS index": b"forged index" * 8,
     }
     for message, data in forged.items():
-        writer.write_neighbor_index(data, {})
+        forge(data)
         with pytest.raises(ValueError, match=f"neighbour index of clustering 'c' {message}"):
             neighbors_of_key(url, "k7", 4, "c")
-    writer.write_neighbor_index(_forged_ivf(rows, np.arange(120)), {})
+    forge(_forged_ivf(rows, np.arange(120)))
     assert [n["row"] for n in neighbors_of_key(url, "k7", 4, "c")["neighbors"]][0] == 7
     command = [sys.executable, "-m", "dataengine", "neighbors", url, "--key", "k7", "--clustering", "c"]
-    writer.write_neighbor_index(_forged_ivf(rows, np.full(120, -5)), {})
+    forge(_forged_ivf(rows, np.full(120, -5)))
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "returned id -5" in bad.stderr
     leaf = clustering.centroids(1)
